@@ -1,0 +1,79 @@
+"""The ``herald`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Sequence
+from typing import NoReturn
+
+from consumer.errors import ConfigError
+from consumer.settings import Settings
+
+
+class ArgumentError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line, not a usage dump."""
+
+    def error(self, message: str) -> NoReturn:
+        raise ArgumentError(f"{self.prog}: {message} (see '{self.prog} --help')")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="herald", description="Reliable outbound messaging on RabbitMQ.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    run = sub.add_parser("run", help="run the service: consumers, webhooks, admin, metrics")
+    run.add_argument("--channels", help="comma-separated channels to consume (default: all "
+                     "channels with credentials)")
+
+    sub.add_parser("migrate", help="apply pending database migrations")
+
+    topology = sub.add_parser("topology", help="declare or export exchanges and queues")
+    topology_sub = topology.add_subparsers(dest="topology_command", required=True,
+                                           parser_class=_Parser)
+    topology_sub.add_parser("declare", help="declare everything on the broker (idempotent)")
+    topology_sub.add_parser("export", help="print RabbitMQ definitions JSON")
+
+    publish = sub.add_parser("publish", help="publish send requests with publisher confirms")
+    publish.add_argument("--file", help="JSONL file of send requests ('-' for stdin)")
+    publish.add_argument("--channel", choices=("http", "sms", "whatsapp", "messenger"))
+    publish.add_argument("--to", help="recipient")
+    publish.add_argument("--body", help="message text (JSON allowed for http)")
+    publish.add_argument("--message-id", help="idempotency key (default: a new UUID)")
+    publish.add_argument("--campaign", help="campaign id")
+    publish.add_argument("--max-attempts", type=int)
+    publish.add_argument("--send-at", help="ISO-8601 time with a zone")
+    publish.add_argument("--expires-at", help="ISO-8601 time with a zone")
+    publish.add_argument("--quiet", action="store_true", help="no progress output")
+
+    sandbox = sub.add_parser("sandbox", help="run local fake providers for demos and tests")
+    sandbox.add_argument("--host", default="127.0.0.1")
+    sandbox.add_argument("--port", type=int, help="default HERALD_SANDBOX_PORT (8090)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> NoReturn:
+    try:
+        code = _main(argv)
+    except (ArgumentError, ConfigError) as exc:
+        print(f"herald: {exc}" if isinstance(exc, ConfigError) else str(exc), file=sys.stderr)
+        code = 2
+    except KeyboardInterrupt:
+        code = 130
+    sys.exit(code)
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    args = build_parser().parse_args(argv)
+    settings = Settings.from_env()
+    from consumer import logs
+
+    logs.configure(settings.log_level)
+    from consumer import commands
+
+    return asyncio.run(commands.dispatch(args, settings))

@@ -1,0 +1,158 @@
+"""The CLI's subcommands (kept apart from argument parsing)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import uuid
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+import asyncpg
+from pydantic import ValidationError
+
+from consumer.errors import ConfigError
+from consumer.migrate import migrate
+from consumer.publisher import Publisher
+from consumer.settings import Settings
+from consumer.topology import Names, Topology, declare_all, export_json
+from schemas import SendRequest
+
+
+async def dispatch(args: argparse.Namespace, settings: Settings) -> int:
+    if args.command == "run":
+        return await cmd_run(args, settings)
+    if args.command == "migrate":
+        return await cmd_migrate(settings)
+    if args.command == "topology":
+        topology = Topology(Names(settings.prefix), delivery_limit=settings.delivery_limit)
+        if args.topology_command == "export":
+            sys.stdout.write(export_json(topology))
+            return 0
+        await declare_all(settings.amqp_url, topology)
+        print(f"declared {len(topology.exchanges)} exchanges, {len(topology.queues)} queues, "
+              f"{len(topology.bindings)} bindings with prefix {settings.prefix!r}")
+        return 0
+    if args.command == "publish":
+        return await cmd_publish(args, settings)
+    if args.command == "sandbox":
+        from consumer.sandbox.app import serve
+
+        await serve(args.host, args.port if args.port is not None else settings.sandbox_port)
+        return 0
+    raise AssertionError(args.command)
+
+
+async def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
+    from consumer.service import NotMigrated, run
+
+    channels = None
+    if args.channels:
+        channels = tuple(c.strip() for c in args.channels.split(",") if c.strip())
+        unknown = [c for c in channels if c not in ("http", "sms", "whatsapp", "messenger")]
+        if unknown:
+            raise ConfigError(f"--channels: unknown channel {unknown[0]!r}")
+    try:
+        await run(settings, channels=channels)
+    except NotMigrated as exc:
+        print(f"herald: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+async def cmd_migrate(settings: Settings) -> int:
+    conn = await asyncpg.connect(settings.database_url)
+    try:
+        applied = await migrate(conn)
+    finally:
+        await conn.close()
+    if applied:
+        for m in applied:
+            print(f"applied {m.version}_{m.name}")
+    else:
+        print("database is up to date")
+    return 0
+
+
+def _jsonl(lines: Iterable[str], source: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    for number, line in enumerate(lines, 1):
+        if line.strip():
+            try:
+                yield number, json.loads(line)
+            except ValueError as exc:
+                raise ConfigError(f"{source}:{number}: not JSON: {exc}") from None
+
+
+def _requests_from_args(args: argparse.Namespace) -> Iterator[tuple[int, dict[str, Any]]]:
+    if args.file:
+        if args.file == "-":
+            yield from _jsonl(sys.stdin, "-")
+        else:
+            with Path(args.file).open(encoding="utf-8") as handle:
+                yield from _jsonl(handle, args.file)
+        return
+    missing = [flag for flag, value in (("--channel", args.channel), ("--to", args.to),
+                                        ("--body", args.body)) if value is None]
+    if missing:
+        raise ConfigError(f"publish: {', '.join(missing)} required (or --file)")
+    body: Any = args.body
+    if args.channel == "http":
+        try:
+            body = json.loads(args.body)
+        except ValueError:
+            body = args.body
+    request: dict[str, Any] = {
+        "message_id": args.message_id or str(uuid.uuid4()),
+        "channel": args.channel,
+        "to": args.to,
+        "body": body,
+    }
+    for key, value in (("campaign_id", args.campaign), ("send_at", args.send_at),
+                       ("expires_at", args.expires_at)):
+        if value is not None:
+            request[key] = value
+    if args.max_attempts is not None:
+        request["retry"] = {"max_attempts": args.max_attempts}
+    yield 1, request
+
+
+async def cmd_publish(args: argparse.Namespace, settings: Settings) -> int:
+    # Validate everything first: a bad line is reported before anything is sent.
+    requests = []
+    for number, raw in _requests_from_args(args):
+        try:
+            requests.append(SendRequest.model_validate(raw))
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"]) or "request"
+            source = f"{args.file}:{number}" if args.file else "publish"
+            raise ConfigError(f"{source}: {where}: {first['msg']}") from None
+    names = Names(settings.prefix)
+    connection = await aio_pika.connect_robust(settings.amqp_url)
+    accepted = 0
+    async with connection:
+        publisher = Publisher(connection, names)
+        total = len(requests)
+        window = 256  # confirms in flight at once: fast, and bounded
+        for start in range(0, total, window):
+            chunk = requests[start:start + window]
+            await asyncio.gather(*(
+                publisher.publish_send(
+                    r.channel, r.model_dump_json(exclude_none=True).encode(),
+                    message_id=r.message_id,
+                )
+                for r in chunk
+            ))
+            accepted += len(chunk)
+            if not args.quiet and sys.stderr.isatty():
+                print(f"\rpublished {accepted}/{total}", end="", file=sys.stderr, flush=True)
+        if not args.quiet and sys.stderr.isatty():
+            print(file=sys.stderr)
+    print(f"accepted {accepted} message(s) (publisher confirms received)")
+    if accepted == 1 and len(requests) == 1:
+        print(f"message_id {requests[0].message_id}")
+    return 0

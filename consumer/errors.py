@@ -1,0 +1,71 @@
+"""The small error vocabulary Herald speaks.
+
+Provider adapters raise :class:`DeliveryError` and nothing else; the pipeline
+only ever looks at its ``error_type`` (the operator's vocabulary from
+DESIGN.md §5), ``code``, ``message`` and ``retry_after``.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class ErrorType(StrEnum):
+    ACCESS_TOKEN = "access_token"
+    PERMISSION = "permission"
+    RATE_LIMIT = "rate_limit"
+    NETWORK = "network"
+    PROVIDER_ERROR = "provider_error"
+    INVALID_RECIPIENT = "invalid_recipient"
+    INVALID_REQUEST = "invalid_request"
+    INVALID_PAYLOAD = "invalid_payload"
+    EXPIRED = "expired"
+    OTHER = "other"
+
+
+RETRYABLE_BY_DEFAULT: frozenset[ErrorType] = frozenset(
+    {ErrorType.RATE_LIMIT, ErrorType.NETWORK, ErrorType.PROVIDER_ERROR}
+)
+
+
+class DeliveryError(Exception):
+    """A send did not succeed.
+
+    ``retryable`` defaults to the error type's default (DESIGN.md §5) but an
+    adapter may override it per code (e.g. a permanent ``provider_error``).
+    ``provider_wide`` marks errors that say nothing about this message but
+    about the whole channel (an expired token): they must not burn attempts.
+    """
+
+    def __init__(
+        self,
+        error_type: ErrorType,
+        message: str,
+        *,
+        code: str | None = None,
+        retry_after: float | None = None,
+        retryable: bool | None = None,
+        provider_wide: bool = False,
+    ) -> None:
+        super().__init__(message)
+        self.error_type = error_type
+        self.code = code
+        self.message = message
+        self.retry_after = retry_after
+        self.retryable = error_type in RETRYABLE_BY_DEFAULT if retryable is None else retryable
+        self.provider_wide = provider_wide
+
+    def __repr__(self) -> str:
+        parts = [f"{self.error_type.value}", repr(self.message)]
+        if self.code is not None:
+            parts.append(f"code={self.code}")
+        if self.retry_after is not None:
+            parts.append(f"retry_after={self.retry_after:g}s")
+        parts.append("retryable" if self.retryable else "permanent")
+        if self.provider_wide:
+            parts.append("provider_wide")
+        return f"DeliveryError({', '.join(parts)})"
+
+
+class ConfigError(Exception):
+    """Invalid configuration: the message is one line naming the variable."""

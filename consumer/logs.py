@@ -1,0 +1,75 @@
+"""Structured JSON logs (structlog) with per-message context and masked recipients."""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from collections.abc import MutableMapping
+from typing import Any
+from urllib.parse import urlsplit
+
+import structlog
+
+_PHONE_RE = re.compile(r"^\+?\d{6,}$")
+
+
+def mask_recipient(value: str | None) -> str | None:
+    """A recipient as it may appear in logs and listings.
+
+    Phone numbers keep their first three and last two digits
+    (``+1555…67`` → ``+15*******67``); URLs keep scheme and host; other
+    identifiers (PSIDs) keep their last four characters.
+    """
+    if value is None:
+        return None
+    compact = value.replace(" ", "").replace("-", "")
+    if _PHONE_RE.match(compact):
+        plus = "+" if compact.startswith("+") else ""
+        digits = compact.lstrip("+")
+        return plus + digits[:2] + "*" * (len(digits) - 4) + digits[-2:]
+    if "://" in value:
+        parts = urlsplit(value)
+        return f"{parts.scheme}://{parts.hostname or '?'}/…"
+    if len(value) <= 4:
+        return "*" * len(value)
+    return "*" * (len(value) - 4) + value[-4:]
+
+
+_MASKED_KEYS = ("to", "recipient", "recipient_id", "from_")
+
+
+def _mask_recipients(
+    logger: Any, method: str, event: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    for key in _MASKED_KEYS:
+        value = event.get(key)
+        if isinstance(value, str):
+            event[key] = mask_recipient(value)
+    return event
+
+
+def configure(level: str = "info", *, json_output: bool = True) -> None:
+    """Configure structlog once per process: JSON lines on stderr."""
+    numeric = logging.getLevelNamesMapping()[level.upper()]
+    logging.basicConfig(level=numeric, stream=sys.stderr, format="%(message)s")
+    renderer: Any = (
+        structlog.processors.JSONRenderer() if json_output else structlog.dev.ConsoleRenderer()
+    )
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            _mask_recipients,
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(numeric),
+        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        cache_logger_on_first_use=True,
+    )
+
+
+def get_logger(name: str) -> Any:
+    return structlog.get_logger(name)

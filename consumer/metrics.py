@@ -1,0 +1,61 @@
+"""Prometheus metrics (``herald_*``): few, bounded labels; never ids or numbers."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+CONSUMED = Counter(
+    "herald_messages_consumed_total", "Send requests taken from a channel queue", ["channel"]
+)
+SENT = Counter("herald_messages_sent_total", "Messages accepted by the provider", ["channel"])
+RETRIED = Counter(
+    "herald_messages_retried_total",
+    "Failed attempts scheduled for another try",
+    ["channel", "error_type"],
+)
+PARKED = Counter(
+    "herald_messages_parked_total",
+    "Messages moved to the parking queue",
+    ["channel", "error_type"],
+)
+EXPIRED = Counter(
+    "herald_messages_expired_total", "Messages dropped because expires_at passed", ["channel"]
+)
+DEFERRED = Counter(
+    "herald_messages_deferred_total",
+    "Messages deferred through the delay levels without an attempt (send_at, pauses)",
+    ["channel", "reason"],
+)
+DUPLICATES = Counter(
+    "herald_duplicates_suppressed_total",
+    "Copies of a message that were acked without sending (already sent or stale)",
+    ["channel"],
+)
+RESENT_AFTER_CRASH = Counter(
+    "herald_resent_after_crash_total",
+    "Attempts sent again because the consumer making them died before recording the"
+    " outcome (the one window where a provider may see a message twice)",
+    ["channel"],
+)
+ATTEMPTS = Counter(
+    "herald_delivery_attempts_total",
+    "Send attempts by outcome",
+    ["channel", "provider", "outcome", "error_type"],
+)
+PROVIDER_LATENCY = Histogram(
+    "herald_provider_latency_seconds",
+    "Time the provider took to answer a send",
+    ["channel", "provider"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
+)
+IN_FLIGHT = Gauge(
+    "herald_in_flight_messages", "Messages taken from the broker and not yet acked", ["channel"]
+)
+INFRA_RETRIES = Counter(
+    "herald_infrastructure_retries_total",
+    "Database or broker operations retried because the service was unreachable",
+    ["component"],
+)
+CONSUMERS_ACTIVE = Gauge(
+    "herald_channel_consumer_active", "1 when the channel's queue is being consumed", ["channel"]
+)

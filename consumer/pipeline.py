@@ -1,0 +1,547 @@
+"""The delivery pipeline of one message (DESIGN.md §5).
+
+decode → expiry / send_at → claim → send → classify → record → republish or
+park → ack. The ack is always last and happens in exactly one place
+(:meth:`Pipeline.process`): a crash anywhere before it means the broker
+redelivers the message, and the idempotent claim in PostgreSQL turns that
+redelivery into no second send.
+
+Order of the final steps: a retry or a park is *published first* (and
+confirmed), *then* its outcome is committed, *then* the delivery is acked.
+Committing first would lose the message if the process died before the
+publish (the redelivered copy would look already handled); publishing first
+at worst leaves an extra copy, which the claim's attempt fencing recognises
+as stale.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, TypeVar
+
+import structlog
+from aio_pika.abc import AbstractIncomingMessage
+from pydantic import ValidationError
+
+from consumer import metrics
+from consumer.backoff import RetryPolicy, retry_delay, should_retry
+from consumer.errors import DeliveryError, ErrorType
+from consumer.providers.base import Provider
+from consumer.publisher import HEADER_ATTEMPT, HEADER_DUE_AT, Publisher
+from consumer.settings import Settings
+from consumer.store import Store, is_transient_db_error, resolve_policy
+from schemas import SendRequest
+
+log = structlog.get_logger("herald.pipeline")
+
+T = TypeVar("T")
+
+HEADER_ERROR_TYPE = "x-herald-error-type"
+HEADER_ERROR_CODE = "x-herald-error-code"
+HEADER_LAST_ERROR = "x-herald-last-error"
+HEADER_PARKED_AT = "x-herald-parked-at"
+HEADER_CHANNEL = "x-herald-channel"
+HEADER_MESSAGE_ID = "x-herald-message-id"
+
+# A message whose body is larger than this is parked without being parsed.
+MAX_BODY_BYTES = 256 * 1024
+# Extra lease beyond the send timeout, so a live consumer's claim never runs out
+# while it is still waiting for the provider.
+LEASE_MARGIN_S = 5.0
+# How long a provider-wide failure (expired token) keeps a message away.
+PROVIDER_WIDE_COOLDOWN_S = 30
+
+
+class Stopping(Exception):
+    """The service is stopping: leave the message unacked so the broker requeues it."""
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What happened to one delivery (returned for tests and metrics)."""
+
+    result: str  # sent | retrying | parked | expired | deferred | duplicate | paused
+    message_id: str | None = None
+    attempt: int = 1
+    error_type: str | None = None
+
+
+class Pipeline:
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        publisher: Publisher,
+        providers: Mapping[str, Provider],
+        *,
+        instance_id: str,
+        stopping: asyncio.Event,
+        now: Callable[[], datetime] = lambda: datetime.now(UTC),
+        on_provider_wide: Callable[[str, DeliveryError], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.publisher = publisher
+        self.providers = providers
+        self.instance_id = instance_id
+        self.stopping = stopping
+        self.now = now
+        self.on_provider_wide = on_provider_wide
+        self.lease_s = settings.send_timeout_s + LEASE_MARGIN_S
+
+    # -- the one place that acks ------------------------------------------------
+
+    async def process(self, message: AbstractIncomingMessage, channel: str) -> Outcome | None:
+        """Handle one delivery and ack it last. Returns None when left unacked."""
+        metrics.CONSUMED.labels(channel).inc()
+        try:
+            with structlog.contextvars.bound_contextvars(channel=channel):
+                outcome = await self._handle(message, channel)
+        except Stopping:
+            log.info("delivery.left_for_redelivery", channel=channel)
+            return None
+        try:
+            await message.ack()
+        except Exception as exc:  # the channel died: the broker will redeliver
+            log.warning("delivery.ack_lost", channel=channel, error=repr(exc))
+        return outcome
+
+    # -- steps --------------------------------------------------------------------
+
+    async def _handle(self, message: AbstractIncomingMessage, channel: str) -> Outcome:
+        headers = dict(message.headers or {})
+        attempt = _int_header(headers.get(HEADER_ATTEMPT), 1)
+        request, problem = _decode(message.body, channel)
+        if request is None:
+            await self._park_invalid(message, channel, attempt, problem)
+            return Outcome("parked", None, attempt, ErrorType.INVALID_PAYLOAD)
+
+        with structlog.contextvars.bound_contextvars(
+            message_id=request.message_id, campaign_id=request.campaign_id, attempt=attempt
+        ):
+            return await self._handle_request(message, request, headers, attempt)
+
+    async def _handle_request(
+        self,
+        message: AbstractIncomingMessage,
+        request: SendRequest,
+        headers: dict[str, Any],
+        attempt: int,
+    ) -> Outcome:
+        channel = request.channel
+        now = self.now()
+
+        if request.is_expired(now):
+            await self._infra(
+                "database",
+                lambda: self.store.record_expired(
+                    message_id=request.message_id, channel=channel, recipient=request.to,
+                    campaign_id=request.campaign_id, payload=_payload(request),
+                ),
+            )
+            metrics.EXPIRED.labels(channel).inc()
+            log.info("delivery.expired", to=request.to)
+            return Outcome("expired", request.message_id, attempt)
+
+        due_at = _due_at(headers, request, attempt)
+        if due_at is not None and (due_at - now).total_seconds() >= 1:
+            return await self._defer(message, request, headers, attempt, due_at, "send_at")
+
+        policy = await self._policy(request)
+        claim = await self._claim(request, attempt)
+        if claim is None:
+            metrics.DUPLICATES.labels(channel).inc()
+            return Outcome("duplicate", request.message_id, attempt)
+
+        provider = self.providers[channel]
+        started = self.now()
+        t0 = time.perf_counter()
+        error: DeliveryError | None = None
+        provider_message_id: str | None = None
+        try:
+            async with asyncio.timeout(self.settings.send_timeout_s):
+                result = await provider.send(request, attempt)
+            provider_message_id = result.provider_message_id
+        except DeliveryError as exc:
+            error = exc
+        except TimeoutError:
+            error = DeliveryError(
+                ErrorType.PROVIDER_ERROR,
+                f"no answer within {self.settings.send_timeout_s:g} s",
+                code="timeout",
+                retryable=True,
+            )
+        except Exception as exc:  # an adapter bug must not take the consumer down
+            log.exception("delivery.adapter_error", provider=provider.name)
+            error = DeliveryError(ErrorType.OTHER, f"{type(exc).__name__}: {exc}", retryable=False)
+        latency = time.perf_counter() - t0
+        metrics.PROVIDER_LATENCY.labels(channel, provider.name).observe(latency)
+        latency_ms = latency * 1000.0
+
+        if error is None:
+            await self._infra(
+                "database",
+                lambda: self.store.record(
+                    message_id=request.message_id, attempt=attempt, outcome="sent",
+                    started_at=started, latency_ms=latency_ms, provider=provider.name,
+                    provider_message_id=provider_message_id,
+                ),
+            )
+            metrics.SENT.labels(channel).inc()
+            metrics.ATTEMPTS.labels(channel, provider.name, "sent", "").inc()
+            log.info("delivery.sent", provider_message_id=provider_message_id,
+                     latency_ms=round(latency_ms, 1))
+            return Outcome("sent", request.message_id, attempt)
+
+        metrics.ATTEMPTS.labels(channel, provider.name, "failed", error.error_type.value).inc()
+        if error.provider_wide:
+            return await self._pause(message, request, attempt, error, started, latency_ms,
+                                     provider.name)
+        if should_retry(attempt, policy, error.retryable):
+            return await self._retry(message, request, attempt, error, policy, started,
+                                     latency_ms, provider.name)
+        return await self._park(message, request, attempt, error, started, latency_ms,
+                                provider.name)
+
+    async def _policy(self, request: SendRequest) -> RetryPolicy:
+        campaign = None
+        if request.campaign_id is not None:
+            campaign_id = request.campaign_id
+            campaign = await self._infra("database", lambda: self.store.campaign(campaign_id))
+        spec = request.retry
+        return resolve_policy(
+            self.settings,
+            campaign,
+            max_attempts=spec.max_attempts if spec else None,
+            base_delay_s=spec.base_delay_s if spec else None,
+            max_delay_s=spec.max_delay_s if spec else None,
+            mode=spec.mode if spec else None,
+        )
+
+    async def _claim(self, request: SendRequest, attempt: int) -> bool | None:
+        """Claim the attempt; True to send, None when this copy must not be sent."""
+        while True:
+            claim = await self._infra(
+                "database",
+                lambda: self.store.claim(
+                    message_id=request.message_id, channel=request.channel,
+                    recipient=request.to, campaign_id=request.campaign_id,
+                    payload=_payload(request), attempt=attempt, owner=self.instance_id,
+                    lease_s=self.lease_s,
+                ),
+            )
+            if claim.outcome == "claimed":
+                return True
+            if claim.outcome == "reclaimed":
+                metrics.RESENT_AFTER_CRASH.labels(request.channel).inc()
+                log.warning("delivery.resend_after_crash",
+                            note="the earlier consumer died mid-attempt; the provider may"
+                                 " have accepted it")
+                return True
+            if claim.outcome in ("duplicate", "stale"):
+                log.info("delivery.duplicate_suppressed", status=claim.status,
+                         recorded_attempts=claim.attempts)
+                return None
+            # held: another consumer (or another copy here) holds a live lease on this
+            # attempt. Wait for its outcome or for the lease to run out, then ask again.
+            wait = 0.2
+            if claim.claimed_until is not None:
+                wait = (claim.claimed_until - self.now()).total_seconds()
+            log.info("delivery.claim_held", wait_s=round(max(wait, 0.0), 1))
+            await self._sleep(min(max(wait, 0.2), 2.0))
+
+    async def _retry(
+        self,
+        message: AbstractIncomingMessage,
+        request: SendRequest,
+        attempt: int,
+        error: DeliveryError,
+        policy: RetryPolicy,
+        started: datetime,
+        latency_ms: float,
+        provider: str,
+    ) -> Outcome:
+        delay = retry_delay(attempt, policy, retry_after=error.retry_after)
+        headers = _error_headers(error) | {HEADER_ATTEMPT: attempt + 1}
+        await self._infra(
+            "broker",
+            lambda: self.publisher.publish_delayed(
+                request.channel, message.body, delay, headers=headers,
+                message_id=request.message_id,
+            ),
+        )
+        await self._infra(
+            "database",
+            lambda: self.store.record(
+                message_id=request.message_id, attempt=attempt, outcome="retrying",
+                started_at=started, latency_ms=latency_ms, provider=provider,
+                error_type=error.error_type.value, error_code=error.code,
+                error_text=error.message, next_attempt_at=self.now() + timedelta(seconds=delay),
+            ),
+        )
+        metrics.RETRIED.labels(request.channel, error.error_type.value).inc()
+        log.info("delivery.retry_scheduled", error_type=error.error_type.value,
+                 error_code=error.code, delay_s=delay, error=error.message[:200])
+        return Outcome("retrying", request.message_id, attempt, error.error_type.value)
+
+    async def _pause(
+        self,
+        message: AbstractIncomingMessage,
+        request: SendRequest,
+        attempt: int,
+        error: DeliveryError,
+        started: datetime,
+        latency_ms: float,
+        provider: str,
+    ) -> Outcome:
+        """A provider-wide failure: not the message's fault, so not charged an attempt."""
+        delay = max(PROVIDER_WIDE_COOLDOWN_S, int(error.retry_after or 0))
+        headers = _error_headers(error) | {HEADER_ATTEMPT: attempt}
+        await self._infra(
+            "broker",
+            lambda: self.publisher.publish_delayed(
+                request.channel, message.body, delay, headers=headers,
+                message_id=request.message_id,
+            ),
+        )
+        await self._infra(
+            "database",
+            lambda: self.store.record(
+                message_id=request.message_id, attempt=attempt, outcome="paused",
+                started_at=started, latency_ms=latency_ms, provider=provider,
+                error_type=error.error_type.value, error_code=error.code,
+                error_text=error.message, next_attempt_at=self.now() + timedelta(seconds=delay),
+            ),
+        )
+        metrics.DEFERRED.labels(request.channel, "provider_wide").inc()
+        log.warning("delivery.provider_wide_failure", error_type=error.error_type.value,
+                    error_code=error.code, delay_s=delay)
+        if self.on_provider_wide is not None:
+            self.on_provider_wide(request.channel, error)
+        return Outcome("paused", request.message_id, attempt, error.error_type.value)
+
+    async def _park(
+        self,
+        message: AbstractIncomingMessage,
+        request: SendRequest,
+        attempt: int,
+        error: DeliveryError,
+        started: datetime,
+        latency_ms: float,
+        provider: str,
+    ) -> Outcome:
+        await self._publish_parked(
+            message.body, request.channel, request.message_id, attempt, error,
+            content_type=message.content_type,
+        )
+        await self._infra(
+            "database",
+            lambda: self.store.record(
+                message_id=request.message_id, attempt=attempt, outcome="failed",
+                started_at=started, latency_ms=latency_ms, provider=provider,
+                error_type=error.error_type.value, error_code=error.code,
+                error_text=error.message,
+            ),
+        )
+        log.warning("delivery.parked", error_type=error.error_type.value,
+                    error_code=error.code, error=error.message[:200])
+        return Outcome("parked", request.message_id, attempt, error.error_type.value)
+
+    async def _park_invalid(
+        self, message: AbstractIncomingMessage, channel: str, attempt: int, problem: str
+    ) -> None:
+        error = DeliveryError(ErrorType.INVALID_PAYLOAD, problem, retryable=False)
+        await self._publish_parked(
+            message.body, channel, message.message_id, attempt, error,
+            content_type=message.content_type,
+        )
+        log.warning("delivery.parked", error_type=ErrorType.INVALID_PAYLOAD.value,
+                    error=problem[:200], bytes=len(message.body))
+
+    async def _publish_parked(
+        self,
+        body: bytes,
+        channel: str,
+        message_id: str | None,
+        attempt: int,
+        error: DeliveryError,
+        *,
+        content_type: str | None,
+    ) -> None:
+        """Park the original bytes with the reason in headers, then post a notice."""
+        parked_at = self.now()
+        headers = _error_headers(error) | {
+            HEADER_ATTEMPT: attempt,
+            HEADER_PARKED_AT: parked_at.isoformat(),
+            HEADER_CHANNEL: channel,
+        }
+        if message_id:
+            headers[HEADER_MESSAGE_ID] = message_id
+        names = self.publisher.names
+        await self._infra(
+            "broker",
+            lambda: self.publisher.publish(
+                names.parked, names.parked, body, headers=headers, message_id=message_id,
+                content_type=content_type,
+            ),
+        )
+        notice = json.dumps(
+            {
+                "message_id": message_id,
+                "channel": channel,
+                "error_type": error.error_type.value,
+                "error_code": error.code,
+                "last_error": error.message[:500],
+                "attempt": attempt,
+                "parked_at": parked_at.isoformat(),
+            }
+        ).encode()
+        # Nobody may be listening for notices yet: an unroutable notice is fine.
+        await self._infra(
+            "broker",
+            lambda: self.publisher.publish(
+                names.notifications, f"parked.{channel}.{error.error_type.value}", notice,
+                mandatory=False,
+            ),
+        )
+        metrics.PARKED.labels(channel, error.error_type.value).inc()
+
+    async def _defer(
+        self,
+        message: AbstractIncomingMessage,
+        request: SendRequest,
+        headers: dict[str, Any],
+        attempt: int,
+        due_at: datetime,
+        reason: str,
+    ) -> Outcome:
+        """Send the message round the delay levels until ``due_at``; no attempt is used."""
+        delay = max(1, int((due_at - self.now()).total_seconds() + 0.999))
+        forwarded = {k: v for k, v in headers.items() if k != HEADER_DUE_AT}
+        await self._infra(
+            "broker",
+            lambda: self.publisher.publish_delayed(
+                request.channel, message.body, delay, headers=forwarded,
+                message_id=request.message_id,
+            ),
+        )
+        if attempt == 1:
+            await self._infra(
+                "database",
+                lambda: self.store.record_scheduled(
+                    message_id=request.message_id, channel=request.channel, recipient=request.to,
+                    campaign_id=request.campaign_id, payload=_payload(request), due_at=due_at,
+                ),
+            )
+        metrics.DEFERRED.labels(request.channel, reason).inc()
+        log.info("delivery.deferred", reason=reason, delay_s=delay)
+        return Outcome("deferred", request.message_id, attempt)
+
+    # -- infrastructure -------------------------------------------------------------
+
+    async def _infra(self, component: str, operation: Callable[[], Awaitable[T]]) -> T:
+        """Run a database or broker operation until it succeeds.
+
+        An outage holds the message (unacked, so nothing is lost) and, because
+        prefetch bounds what is in flight, stops consumption until the
+        service is back. Only stopping the service gives up, leaving the
+        message for redelivery.
+        """
+        delay = 0.1
+        while True:
+            try:
+                return await operation()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if component == "database" and not is_transient_db_error(exc):
+                    raise
+                metrics.INFRA_RETRIES.labels(component).inc()
+                log.warning(f"{component}.unavailable", error=repr(exc)[:300],
+                            retry_in_s=round(delay, 2))
+                if self.stopping.is_set():
+                    raise Stopping() from exc
+                await self._sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    async def _sleep(self, seconds: float) -> None:
+        """Sleep, but wake up and give up when the service stops."""
+        try:
+            await asyncio.wait_for(self.stopping.wait(), timeout=seconds)
+        except TimeoutError:
+            return
+        raise Stopping()
+
+
+def _decode(body: bytes, channel: str) -> tuple[SendRequest | None, str]:
+    if len(body) > MAX_BODY_BYTES:
+        return None, f"body of {len(body)} bytes exceeds the {MAX_BODY_BYTES}-byte limit"
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return None, f"body is not UTF-8: {exc.reason} at byte {exc.start}"
+    try:
+        request = SendRequest.model_validate_json(text)
+    except ValidationError as exc:
+        return None, _describe_validation(exc)
+    if request.channel != channel:
+        return None, (
+            f"channel {request.channel!r} in the body does not match the queue's channel "
+            f"{channel!r}"
+        )
+    return request, ""
+
+
+def _describe_validation(exc: ValidationError) -> str:
+    problems = []
+    for err in exc.errors()[:5]:
+        where = ".".join(str(p) for p in err["loc"]) or "body"
+        if err["type"] == "json_invalid":
+            problems.append(f"not JSON: {err['msg']}")
+        else:
+            problems.append(f"{where}: {err['msg']}")
+    more = len(exc.errors()) - 5
+    return "; ".join(problems) + (f" (+{more} more)" if more > 0 else "")
+
+
+def _payload(request: SendRequest) -> Any:
+    return request.model_dump(mode="json")
+
+
+def _due_at(headers: Mapping[str, Any], request: SendRequest, attempt: int) -> datetime | None:
+    """When this copy may be sent: a long delay's due time, or send_at for a first attempt."""
+    due = headers.get(HEADER_DUE_AT)
+    if due is not None:
+        try:
+            return datetime.fromtimestamp(float(due), UTC)
+        except (TypeError, ValueError, OverflowError):
+            return None
+    if attempt == 1 and request.send_at is not None:
+        return request.send_at
+    return None
+
+
+def _int_header(value: object, default: int) -> int:
+    if isinstance(value, bool):
+        return default
+    if isinstance(value, int):
+        return max(1, value)
+    if isinstance(value, bytes | str):
+        try:
+            return max(1, int(value))
+        except ValueError:
+            return default
+    return default
+
+
+def _error_headers(error: DeliveryError) -> dict[str, Any]:
+    return {
+        HEADER_ERROR_TYPE: error.error_type.value,
+        HEADER_ERROR_CODE: error.code or "",
+        HEADER_LAST_ERROR: error.message[:1000],
+    }

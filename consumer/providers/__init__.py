@@ -1,0 +1,1 @@
+"""Provider adapters: one per channel, all behind :class:`consumer.providers.base.Provider`."""

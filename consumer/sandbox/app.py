@@ -1,0 +1,172 @@
+"""The sandbox server and its record of what it received.
+
+Scripts live in the recipient itself so that a test (or a demo campaign)
+needs no set-up call: for the ``http`` channel the URL's query says what to
+do, for example ``http://127.0.0.1:8090/http/a?fail=2&fail_status=429&retry_after=3``.
+
+``/_sandbox/requests`` lists what was received; ``/_sandbox/counts`` gives
+accepted sends per message id; ``POST /_sandbox/reset`` forgets both.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections import Counter, defaultdict
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+
+@dataclass
+class Received:
+    """One request the sandbox answered."""
+
+    provider: str
+    message_id: str | None
+    attempt: int | None
+    path: str
+    status: int
+    at: float
+    body: Any = None
+    headers: dict[str, str] = field(default_factory=dict)
+    provider_message_id: str | None = None
+
+    @property
+    def accepted(self) -> bool:
+        return 200 <= self.status < 300
+
+
+@dataclass(frozen=True)
+class HttpScript:
+    """What the fake HTTP endpoint does for one recipient URL."""
+
+    fail: int = 0  # fail this many times per message, then succeed
+    fail_status: int = 500
+    retry_after: str | None = None
+    status: int | None = None  # always answer this status
+    hang: bool = False  # never answer (until the client gives up)
+    latency_ms: float = 0.0
+
+    @classmethod
+    def from_query(cls, query: Any) -> HttpScript:
+        def num(name: str, default: float) -> float:
+            raw = query.get(name)
+            return float(raw) if raw not in (None, "") else default
+
+        status = query.get("status")
+        return cls(
+            fail=int(num("fail", 0)),
+            fail_status=int(num("fail_status", 500)),
+            retry_after=query.get("retry_after") or None,
+            status=int(status) if status else None,
+            hang=query.get("hang") in ("1", "true", "yes"),
+            latency_ms=num("latency_ms", 0.0),
+        )
+
+
+class Sandbox:
+    """An aiohttp application imitating the providers, with a record for tests."""
+
+    def __init__(self) -> None:
+        self.received: list[Received] = []
+        self._failures: defaultdict[tuple[str, str], int] = defaultdict(int)
+        self.app = web.Application(client_max_size=4 * 1024 * 1024)
+        self.app.router.add_post("/http/{name:.*}", self._http)
+        self.app.router.add_get("/_sandbox/requests", self._list)
+        self.app.router.add_get("/_sandbox/counts", self._counts)
+        self.app.router.add_post("/_sandbox/reset", self._reset)
+
+    # -- what tests read --------------------------------------------------------------
+
+    def accepted_counts(self, provider: str | None = None) -> Counter[str]:
+        return Counter(
+            r.message_id
+            for r in self.received
+            if r.accepted and r.message_id and (provider is None or r.provider == provider)
+        )
+
+    def attempts_for(self, message_id: str) -> list[Received]:
+        return [r for r in self.received if r.message_id == message_id]
+
+    def reset(self) -> None:
+        self.received.clear()
+        self._failures.clear()
+
+    # -- the generic HTTP endpoint ----------------------------------------------------
+
+    async def _http(self, request: web.Request) -> web.Response:
+        script = HttpScript.from_query(request.query)
+        message_id = request.headers.get("Idempotency-Key")
+        attempt_header = request.headers.get("X-Herald-Attempt")
+        raw = await request.read()
+        try:
+            body: Any = json.loads(raw) if raw else None
+        except ValueError:
+            body = raw.decode("utf-8", "replace")
+        if script.latency_ms:
+            await asyncio.sleep(script.latency_ms / 1000.0)
+        if script.hang:
+            # Hold the request far longer than any sane client timeout.
+            await asyncio.sleep(3600)
+
+        key = (request.path_qs, message_id or "")
+        headers: dict[str, str] = {}
+        if script.status is not None:
+            status = script.status
+        elif self._failures[key] < script.fail:
+            self._failures[key] += 1
+            status = script.fail_status
+        else:
+            status = 200
+        if status >= 300 and script.retry_after is not None:
+            headers["Retry-After"] = script.retry_after
+
+        provider_message_id = f"http-{uuid.uuid4().hex[:16]}" if status < 300 else None
+        self.received.append(
+            Received(
+                provider="http",
+                message_id=message_id,
+                attempt=int(attempt_header) if attempt_header and attempt_header.isdigit()
+                else None,
+                path=request.path_qs,
+                status=status,
+                at=time.time(),
+                body=body,
+                provider_message_id=provider_message_id,
+            )
+        )
+        if status < 300:
+            return web.json_response({"id": provider_message_id}, status=status)
+        return web.json_response({"error": f"scripted {status}"}, status=status,
+                                 headers=headers)
+
+    # -- control API --------------------------------------------------------------------
+
+    async def _list(self, request: web.Request) -> web.Response:
+        message_id = request.query.get("message_id")
+        rows = [asdict(r) | {"accepted": r.accepted} for r in self.received
+                if message_id is None or r.message_id == message_id]
+        return web.json_response(rows)
+
+    async def _counts(self, _: web.Request) -> web.Response:
+        return web.json_response(dict(self.accepted_counts()))
+
+    async def _reset(self, _: web.Request) -> web.Response:
+        self.reset()
+        return web.json_response({"status": "reset"})
+
+
+async def serve(host: str, port: int) -> None:
+    sandbox = Sandbox()
+    runner = web.AppRunner(sandbox.app, access_log=None, handler_cancellation=True)
+    await runner.setup()
+    await web.TCPSite(runner, host, port).start()
+    print(f"herald sandbox listening on http://{host}:{port}", flush=True)
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await runner.cleanup()

@@ -1,0 +1,178 @@
+"""Settings: read once from the environment into one typed object.
+
+No other module reads ``os.environ``. A bad value raises :class:`ConfigError`
+whose message is one line naming the variable, which the CLI prints as is.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+from consumer.errors import ConfigError
+
+T = TypeVar("T")
+
+_PREFIX_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,100}$")
+
+
+def _url(*schemes: str) -> Callable[[str], str]:
+    def parse(raw: str) -> str:
+        parts = urlsplit(raw)
+        if parts.scheme not in schemes or not parts.hostname:
+            raise ValueError(f"must be a {' or '.join(schemes)} URL")
+        return raw.rstrip("/") if parts.scheme in ("http", "https") else raw
+
+    return parse
+
+
+def _int(lo: int, hi: int) -> Callable[[str], int]:
+    def parse(raw: str) -> int:
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ValueError("must be a whole number") from None
+        if not lo <= value <= hi:
+            raise ValueError(f"must be between {lo} and {hi}")
+        return value
+
+    return parse
+
+
+def _float(lo: float, hi: float) -> Callable[[str], float]:
+    def parse(raw: str) -> float:
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ValueError("must be a number") from None
+        if not lo <= value <= hi:
+            raise ValueError(f"must be between {lo:g} and {hi:g}")
+        return value
+
+    return parse
+
+
+def _choice(*options: str) -> Callable[[str], str]:
+    def parse(raw: str) -> str:
+        value = raw.strip().lower()
+        if value not in options:
+            raise ValueError(f"must be one of {', '.join(options)}")
+        return value
+
+    return parse
+
+
+def _prefix(raw: str) -> str:
+    if not _PREFIX_RE.match(raw):
+        raise ValueError("must be letters, digits, '.', '_' or '-' (up to 101 characters)")
+    return raw
+
+
+def _text(raw: str) -> str:
+    if not raw.strip():
+        raise ValueError("must not be empty")
+    return raw
+
+
+def _env(var: str, parse: Callable[[str], Any] = _text, default: Any = None) -> Any:
+    """A dataclass field bound to an environment variable."""
+    return field(default=default, metadata={"env": var, "parse": parse})
+
+
+@dataclass(frozen=True)
+class Settings:
+    amqp_url: str = _env("HERALD_AMQP_URL", _url("amqp", "amqps"), "amqp://guest:guest@127.0.0.1:5672/")
+    database_url: str = _env(
+        "HERALD_DATABASE_URL",
+        _url("postgresql", "postgres"),
+        "postgresql://herald:herald@127.0.0.1:5432/herald",
+    )
+    prefix: str = _env("HERALD_PREFIX", _prefix, "herald")
+    http_host: str = _env("HERALD_HTTP_HOST", _text, "0.0.0.0")
+    http_port: int = _env("HERALD_HTTP_PORT", _int(0, 65535), 8080)
+    public_url: str = _env("HERALD_PUBLIC_URL", _url("http", "https"), "http://127.0.0.1:8080")
+    prefetch: int = _env("HERALD_PREFETCH", _int(1, 65535), 256)
+    admin_token: str | None = _env("HERALD_ADMIN_TOKEN")
+    send_timeout_s: float = _env("HERALD_SEND_TIMEOUT_S", _float(0.1, 300), 10.0)
+    max_attempts: int = _env("HERALD_MAX_ATTEMPTS", _int(1, 100), 5)
+    base_delay_s: float = _env("HERALD_BASE_DELAY_S", _float(1, 262143), 30.0)
+    max_delay_s: float = _env("HERALD_MAX_DELAY_S", _float(1, 262143), 3600.0)
+    retry_mode: str = _env("HERALD_RETRY_MODE", _choice("auto", "manual"), "auto")
+    retry_jitter: float = _env("HERALD_RETRY_JITTER", _float(0, 1), 0.1)
+    delivery_limit: int = _env("HERALD_DELIVERY_LIMIT", _int(1, 1000), 20)
+    log_level: str = _env(
+        "HERALD_LOG_LEVEL", _choice("debug", "info", "warning", "error"), "info"
+    )
+    db_pool_size: int = _env("HERALD_DB_POOL_SIZE", _int(1, 200), 10)
+    sandbox_port: int = _env("HERALD_SANDBOX_PORT", _int(0, 65535), 8090)
+    twilio_account_sid: str | None = _env("HERALD_TWILIO_ACCOUNT_SID")
+    twilio_auth_token: str | None = _env("HERALD_TWILIO_AUTH_TOKEN")
+    twilio_from: str | None = _env("HERALD_TWILIO_FROM")
+    twilio_messaging_service_sid: str | None = _env("HERALD_TWILIO_MESSAGING_SERVICE_SID")
+    twilio_base_url: str = _env(
+        "HERALD_TWILIO_BASE_URL", _url("http", "https"), "https://api.twilio.com"
+    )
+    whatsapp_token: str | None = _env("HERALD_WHATSAPP_TOKEN")
+    whatsapp_phone_number_id: str | None = _env("HERALD_WHATSAPP_PHONE_NUMBER_ID")
+    messenger_page_token: str | None = _env("HERALD_MESSENGER_PAGE_TOKEN")
+    meta_base_url: str = _env(
+        "HERALD_META_BASE_URL", _url("http", "https"), "https://graph.facebook.com"
+    )
+    meta_api_version: str = _env("HERALD_META_API_VERSION", _text, "v21.0")
+    meta_app_secret: str | None = _env("HERALD_META_APP_SECRET")
+    webhook_verify_token: str | None = _env("HERALD_WEBHOOK_VERIFY_TOKEN")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            var = f.metadata["env"]
+            raw = env.get(var)
+            if raw is None or raw == "":
+                continue
+            try:
+                values[f.name] = f.metadata["parse"](raw)
+            except ValueError as exc:
+                raise ConfigError(f"{var}: {exc} (got {_shown(var, raw)})") from None
+        settings = cls(**values)
+        settings._check_consistency()
+        return settings
+
+    def _check_consistency(self) -> None:
+        if self.base_delay_s > self.max_delay_s:
+            raise ConfigError(
+                "HERALD_BASE_DELAY_S: must not exceed HERALD_MAX_DELAY_S "
+                f"({self.base_delay_s:g} > {self.max_delay_s:g})"
+            )
+
+    def replace(self, **changes: Any) -> Settings:
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        values.update(changes)
+        return type(self)(**values)
+
+    def __repr__(self) -> str:
+        shown = ", ".join(
+            f"{f.name}={_shown(f.metadata['env'], str(getattr(self, f.name)))}"
+            for f in fields(self)
+            if getattr(self, f.name) is not None
+        )
+        return f"Settings({shown})"
+
+
+_SECRET_WORDS = ("TOKEN", "SECRET", "PASSWORD")
+
+
+def _shown(var: str, raw: str) -> str:
+    """How a value may appear in messages and logs: secrets never, URLs without passwords."""
+    if any(word in var for word in _SECRET_WORDS):
+        return "'***'"
+    parts = urlsplit(raw)
+    if parts.password:
+        netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+        raw = parts._replace(netloc=netloc).geturl()
+    return repr(raw if len(raw) <= 80 else raw[:77] + "...")

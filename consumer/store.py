@@ -1,0 +1,229 @@
+"""PostgreSQL access: the message's status, its attempts, campaigns.
+
+Every write the pipeline makes is one round trip to a SQL function
+(``herald_claim``, ``herald_record``), so the database decides atomically
+whether a copy of a message may be sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Literal
+
+import asyncpg
+
+from consumer.backoff import RetryPolicy
+from consumer.settings import Settings
+
+ClaimOutcome = Literal["claimed", "reclaimed", "held", "duplicate", "stale"]
+RecordOutcome = Literal["sent", "retrying", "failed", "paused"]
+
+# SQLSTATE classes that mean "the database is not there right now" rather than
+# "this statement is wrong": connection exceptions, insufficient resources,
+# operator intervention (shutdown, restart), transaction rollback.
+_TRANSIENT_SQLSTATE_CLASSES = ("08", "53", "57", "40")
+
+
+def is_transient_db_error(exc: BaseException) -> bool:
+    if isinstance(exc, OSError | asyncpg.InterfaceError | asyncio.TimeoutError):
+        return True
+    if isinstance(exc, asyncpg.PostgresError):
+        state = getattr(exc, "sqlstate", None) or ""
+        return state[:2] in _TRANSIENT_SQLSTATE_CLASSES
+    return False
+
+
+@dataclass(frozen=True)
+class Claim:
+    outcome: ClaimOutcome
+    status: str
+    attempts: int
+    claimed_until: datetime | None
+
+
+@dataclass(frozen=True)
+class Campaign:
+    campaign_id: str
+    max_attempts: int | None
+    base_delay_s: float | None
+    max_delay_s: float | None
+    retry_mode: str | None
+
+
+async def _init_connection(conn: asyncpg.Connection) -> None:
+    await conn.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
+
+
+async def create_pool(settings: Settings, *, min_size: int = 1) -> asyncpg.Pool:
+    pool = await asyncpg.create_pool(
+        settings.database_url,
+        min_size=min_size,
+        max_size=settings.db_pool_size,
+        init=_init_connection,
+        command_timeout=30,
+    )
+    assert pool is not None
+    return pool
+
+
+class Store:
+    """The pipeline's view of PostgreSQL."""
+
+    CAMPAIGN_CACHE_S = 30.0
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self.pool = pool
+        self._campaigns: dict[str, tuple[float, Campaign | None]] = {}
+
+    async def ping(self) -> None:
+        async with self.pool.acquire(timeout=5) as conn:
+            await conn.fetchval("SELECT 1")
+
+    async def claim(
+        self,
+        *,
+        message_id: str,
+        channel: str,
+        recipient: str,
+        campaign_id: str | None,
+        payload: Any,
+        attempt: int,
+        owner: str,
+        lease_s: float,
+        take_over: bool = False,
+    ) -> Claim:
+        row = await self.pool.fetchrow(
+            "SELECT * FROM herald_claim($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+            message_id,
+            channel,
+            recipient,
+            campaign_id,
+            payload,
+            attempt,
+            owner,
+            lease_s,
+            take_over,
+        )
+        assert row is not None
+        return Claim(row["outcome"], row["status"], row["attempts"], row["claimed_until"])
+
+    async def record(
+        self,
+        *,
+        message_id: str,
+        attempt: int,
+        outcome: RecordOutcome,
+        started_at: datetime,
+        latency_ms: float | None,
+        provider: str | None = None,
+        provider_message_id: str | None = None,
+        error_type: str | None = None,
+        error_code: str | None = None,
+        error_text: str | None = None,
+        next_attempt_at: datetime | None = None,
+    ) -> str:
+        status = await self.pool.fetchval(
+            "SELECT herald_record($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+            message_id,
+            attempt,
+            outcome,
+            started_at,
+            latency_ms,
+            provider,
+            provider_message_id,
+            error_type,
+            error_code,
+            None if error_text is None else error_text[:2000],
+            next_attempt_at,
+        )
+        return str(status)
+
+    async def record_expired(
+        self, *, message_id: str, channel: str, recipient: str, campaign_id: str | None,
+        payload: Any,
+    ) -> None:
+        await self.pool.execute(
+            """INSERT INTO messages AS m (message_id, status, channel, recipient, campaign_id,
+                                     payload, queued_at, expired_at, last_error_type)
+               VALUES ($1, 'expired', $2, $3, $4, $5, now(), now(), 'expired')
+               ON CONFLICT (message_id) DO UPDATE
+                  SET status = 'expired', expired_at = now(), updated_at = now(),
+                      last_error_type = 'expired', claimed_by = NULL, claimed_until = NULL
+                WHERE m.status IN ('queued', 'retrying', 'sending')""",
+            message_id,
+            channel,
+            recipient,
+            campaign_id,
+            payload,
+        )
+
+    async def record_scheduled(
+        self, *, message_id: str, channel: str, recipient: str, campaign_id: str | None,
+        payload: Any, due_at: datetime,
+    ) -> None:
+        """A message deferred before its first attempt (``send_at``) is ``queued``."""
+        await self.pool.execute(
+            """INSERT INTO messages AS m (message_id, status, channel, recipient, campaign_id,
+                                     payload, queued_at, next_attempt_at)
+               VALUES ($1, 'queued', $2, $3, $4, $5, now(), $6)
+               ON CONFLICT (message_id) DO UPDATE
+                  SET next_attempt_at = $6, updated_at = now()
+                WHERE m.status = 'queued'""",
+            message_id,
+            channel,
+            recipient,
+            campaign_id,
+            payload,
+            due_at,
+        )
+
+    async def campaign(self, campaign_id: str) -> Campaign | None:
+        """A campaign's retry defaults, cached briefly (they change rarely)."""
+        now = time.monotonic()
+        cached = self._campaigns.get(campaign_id)
+        if cached is not None and now - cached[0] < self.CAMPAIGN_CACHE_S:
+            return cached[1]
+        row = await self.pool.fetchrow(
+            """SELECT campaign_id, max_attempts, base_delay_s, max_delay_s, retry_mode
+                 FROM campaigns WHERE campaign_id = $1""",
+            campaign_id,
+        )
+        found = Campaign(**dict(row)) if row is not None else None
+        if len(self._campaigns) > 10_000:
+            self._campaigns.clear()
+        self._campaigns[campaign_id] = (now, found)
+        return found
+
+
+def resolve_policy(
+    settings: Settings,
+    campaign: Campaign | None,
+    *,
+    max_attempts: int | None,
+    base_delay_s: float | None,
+    max_delay_s: float | None,
+    mode: str | None,
+) -> RetryPolicy:
+    """The message's own retry fields win, then the campaign's, then settings."""
+
+    def pick(own: Any, from_campaign: Any, default: Any) -> Any:
+        if own is not None:
+            return own
+        if from_campaign is not None:
+            return from_campaign
+        return default
+
+    base = pick(base_delay_s, campaign and campaign.base_delay_s, settings.base_delay_s)
+    cap = pick(max_delay_s, campaign and campaign.max_delay_s, settings.max_delay_s)
+    return RetryPolicy(
+        max_attempts=pick(max_attempts, campaign and campaign.max_attempts, settings.max_attempts),
+        base_delay_s=base,
+        max_delay_s=max(cap, base),
+        mode="manual" if pick(mode, campaign and campaign.retry_mode, settings.retry_mode)
+        == "manual" else "auto",
+        jitter=settings.retry_jitter,
+    )

@@ -1,0 +1,18 @@
+"""Herald's wire contracts (pydantic v2).
+
+Publishers in other languages use the JSON Schemas exported from these
+models into ``schemas/json/`` (``python -m schemas.export``).
+"""
+
+from schemas.events import ProviderEvent, ProviderStatus
+from schemas.send_request import Channel, Priority, RetryMode, RetrySpec, SendRequest
+
+__all__ = [
+    "Channel",
+    "Priority",
+    "ProviderEvent",
+    "ProviderStatus",
+    "RetryMode",
+    "RetrySpec",
+    "SendRequest",
+]
