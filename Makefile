@@ -1,0 +1,61 @@
+# Herald developer entry points. Services come from deploy/local (Debian
+# packages, no Docker); Python tools from .venv.
+#
+#   make test PYTEST_ARGS='-k retry -x'     extra pytest arguments
+#   HERALD_LOCAL_AMQP_PORT / HERALD_LOCAL_PG_PORT move the local services.
+
+SHELL := bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.herald-installed
+# Prefix for commands that need the services' URLs (and the venv on PATH).
+WITH_ENV := . deploy/local/env.sh &&
+PYTEST_ARGS ?=
+
+.PHONY: help venv services lint typecheck test run bench down clean-data
+
+help:
+	@echo 'make venv        create .venv and install herald[dev] (again when pyproject.toml changes)'
+	@echo 'make services    start the local RabbitMQ (5673) and PostgreSQL (5433)'
+	@echo 'make lint        ruff check .'
+	@echo 'make typecheck   mypy (packages consumer and schemas)'
+	@echo 'make test        venv + services + lint + typecheck + pytest $$PYTEST_ARGS'
+	@echo 'make run         venv + services + herald migrate + herald sandbox (background) + herald run'
+	@echo 'make bench       venv + services + bench/bench_pipeline.py'
+	@echo 'make down        stop the local services (data kept)'
+	@echo 'make clean-data  stop them and delete .local (all their data)'
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --disable-pip-version-check -q -e '.[dev]'
+	touch $@
+
+services:
+	deploy/local/up.sh
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+test: $(STAMP) services lint typecheck
+	$(WITH_ENV) $(BIN)/pytest $(PYTEST_ARGS)
+
+run: $(STAMP) services
+	deploy/local/run.sh
+
+bench: $(STAMP) services
+	$(WITH_ENV) $(BIN)/python bench/bench_pipeline.py
+
+down:
+	deploy/local/down.sh
+
+clean-data: down
+	rm -rf .local
