@@ -16,9 +16,14 @@ import time
 import uuid
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
+
+if TYPE_CHECKING:
+    from consumer.sandbox.callbacks import CallbackConfig
+    from consumer.sandbox.env import SandboxCredentials
+    from consumer.sandbox.providers import ProviderSandbox
 
 
 @dataclass
@@ -34,6 +39,8 @@ class Received:
     body: Any = None
     headers: dict[str, str] = field(default_factory=dict)
     provider_message_id: str | None = None
+    recipient: str | None = None  # the number or PSID (provider channels)
+    raw: str | None = None  # the request body as received (provider channels)
 
     @property
     def accepted(self) -> bool:
@@ -71,7 +78,12 @@ class HttpScript:
 class Sandbox:
     """An aiohttp application imitating the providers, with a record for tests."""
 
-    def __init__(self) -> None:
+    def __init__(
+        self,
+        credentials: SandboxCredentials | None = None,
+        *,
+        callbacks: CallbackConfig | None = None,
+    ) -> None:
         self.received: list[Received] = []
         self._failures: defaultdict[tuple[str, str], int] = defaultdict(int)
         self.app = web.Application(client_max_size=4 * 1024 * 1024)
@@ -79,6 +91,9 @@ class Sandbox:
         self.app.router.add_get("/_sandbox/requests", self._list)
         self.app.router.add_get("/_sandbox/counts", self._counts)
         self.app.router.add_post("/_sandbox/reset", self._reset)
+        from consumer.sandbox.providers import install  # imports this module
+
+        self.providers: ProviderSandbox = install(self, credentials, callbacks)
 
     # -- what tests read --------------------------------------------------------------
 
@@ -95,6 +110,7 @@ class Sandbox:
     def reset(self) -> None:
         self.received.clear()
         self._failures.clear()
+        self.providers.reset()
 
     # -- the generic HTTP endpoint ----------------------------------------------------
 
