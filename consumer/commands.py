@@ -92,8 +92,13 @@ def _requests_from_args(args: argparse.Namespace) -> Iterator[tuple[int, dict[st
         if args.file == "-":
             yield from _jsonl(sys.stdin, "-")
         else:
-            with Path(args.file).open(encoding="utf-8") as handle:
-                yield from _jsonl(handle, args.file)
+            try:
+                with Path(args.file).open(encoding="utf-8") as handle:
+                    yield from _jsonl(handle, args.file)
+            except OSError as exc:
+                raise ConfigError(f"--file: cannot read {args.file}: {exc.strerror}") from None
+            except UnicodeDecodeError as exc:
+                raise ConfigError(f"--file: {args.file} is not UTF-8: {exc.reason}") from None
         return
     missing = [flag for flag, value in (("--channel", args.channel), ("--to", args.to),
                                         ("--body", args.body)) if value is None]

@@ -11,7 +11,8 @@ from urllib.parse import urlsplit
 
 import structlog
 
-_PHONE_RE = re.compile(r"^\+?\d{6,}$")
+# E.164 numbers have at most 15 digits; longer all-digit ids are Messenger PSIDs.
+_PHONE_RE = re.compile(r"\+?\d{6,15}")
 
 
 def mask_recipient(value: str | None) -> str | None:
@@ -24,12 +25,16 @@ def mask_recipient(value: str | None) -> str | None:
     if value is None:
         return None
     compact = value.replace(" ", "").replace("-", "")
-    if _PHONE_RE.match(compact):
+    if _PHONE_RE.fullmatch(compact):
         plus = "+" if compact.startswith("+") else ""
         digits = compact.lstrip("+")
         return plus + digits[:2] + "*" * (len(digits) - 4) + digits[-2:]
     if "://" in value:
-        parts = urlsplit(value)
+        try:
+            parts = urlsplit(value)
+        except ValueError:  # e.g. a broken IPv6 host; logging must not fail on it
+            scheme = value.split("://", 1)[0]
+            return f"{scheme if scheme.isalnum() else '?'}://?/…"
         return f"{parts.scheme}://{parts.hostname or '?'}/…"
     if len(value) <= 4:
         return "*" * len(value)

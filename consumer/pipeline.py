@@ -500,7 +500,8 @@ def _decode(body: bytes, channel: str) -> tuple[SendRequest | None, str]:
 def _describe_validation(exc: ValidationError) -> str:
     problems = []
     for err in exc.errors()[:5]:
-        where = ".".join(str(p) for p in err["loc"]) or "body"
+        # An empty loc is the request as a whole; "body" would read as the field.
+        where = ".".join(str(p) for p in err["loc"]) or "request"
         if err["type"] == "json_invalid":
             problems.append(f"not JSON: {err['msg']}")
         else:

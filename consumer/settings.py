@@ -25,6 +25,10 @@ def _url(*schemes: str) -> Callable[[str], str]:
         parts = urlsplit(raw)
         if parts.scheme not in schemes or not parts.hostname:
             raise ValueError(f"must be a {' or '.join(schemes)} URL")
+        try:
+            _ = parts.port  # raises for a port that is out of range or not a number
+        except ValueError:
+            raise ValueError("has an invalid port") from None
         return raw.rstrip("/") if parts.scheme in ("http", "https") else raw
 
     return parse
@@ -67,7 +71,7 @@ def _choice(*options: str) -> Callable[[str], str]:
 
 
 def _prefix(raw: str) -> str:
-    if not _PREFIX_RE.match(raw):
+    if not _PREFIX_RE.fullmatch(raw):
         raise ValueError("must be letters, digits, '.', '_' or '-' (up to 101 characters)")
     return raw
 
@@ -165,14 +169,22 @@ class Settings:
 
 
 _SECRET_WORDS = ("TOKEN", "SECRET", "PASSWORD")
+_USERINFO_RE = re.compile(r"(://[^/?#]*?):[^/?#]*@")
+_QUERY_PASSWORD_RE = re.compile(r"([?&](?:ssl)?password)=[^&#]*", re.IGNORECASE)
 
 
 def _shown(var: str, raw: str) -> str:
     """How a value may appear in messages and logs: secrets never, URLs without passwords."""
     if any(word in var for word in _SECRET_WORDS):
         return "'***'"
-    parts = urlsplit(raw)
-    if parts.password:
-        netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
-        raw = parts._replace(netloc=netloc).geturl()
+    try:
+        parts = urlsplit(raw)
+    except ValueError:  # unparseable (e.g. a broken IPv6 host): hide any userinfo
+        raw = _USERINFO_RE.sub(r"\1:***@", raw)
+    else:
+        if parts.password:
+            netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+            raw = parts._replace(netloc=netloc).geturl()
+    # libpq (and asyncpg) also take the password as a query parameter.
+    raw = _QUERY_PASSWORD_RE.sub(r"\1=***", raw)
     return repr(raw if len(raw) <= 80 else raw[:77] + "...")

@@ -1,0 +1,170 @@
+"""Recipient masking in logs (consumer/logs.py)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import structlog
+from structlog.testing import LogCapture
+
+from consumer import logs
+from consumer.logs import _mask_recipients, mask_recipient
+
+PHONE = "+15551234567"
+PSID = "6543210987654321"
+
+
+@pytest.fixture
+def restore_structlog() -> Iterator[None]:
+    """Each test may configure structlog; put the previous configuration back."""
+    saved = structlog.get_config()
+    root = logging.getLogger()
+    level, handlers = root.level, list(root.handlers)
+    structlog.contextvars.clear_contextvars()
+    yield
+    structlog.contextvars.clear_contextvars()
+    structlog.configure(**saved)
+    root.setLevel(level)
+    root.handlers[:] = handlers
+
+
+# -- mask_recipient ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("number", "masked"),
+    [
+        ("+15551234567", "+15*******67"),
+        ("15551234567", "15*******67"),
+        ("+44 20 7946 0958", "+44********58"),
+        ("+1-555-123-4567", "+15*******67"),
+        ("+491701234567", "+49********67"),
+        ("123456789012345", "12***********45"),
+    ],
+)
+def test_phone_numbers_keep_only_a_few_digits(number: str, masked: str) -> None:
+    assert mask_recipient(number) == masked
+
+
+@pytest.mark.parametrize("number", ["+15551234567", "+44 20 7946 0958", "+8613800138000"])
+def test_masked_phone_numbers_hide_most_digits(number: str) -> None:
+    digits = [c for c in number if c.isdigit()]
+    shown = [c for c in mask_recipient(number) or "" if c.isdigit()]
+    assert len(shown) <= 4
+    assert len(shown) < len(digits) / 2
+    assert mask_recipient(number) != number
+
+
+@pytest.mark.parametrize(
+    ("url", "masked"),
+    [
+        ("https://hooks.example.com/path/secret-token?sig=abc", "https://hooks.example.com/…"),
+        ("http://user:pw@Example.COM:8443/x", "http://example.com/…"),
+        ("https://127.0.0.1:9000/webhook", "https://127.0.0.1/…"),
+        ("http:///nohost", "http://?/…"),
+    ],
+)
+def test_urls_keep_scheme_and_host_only(url: str, masked: str) -> None:
+    assert mask_recipient(url) == masked
+
+
+def test_malformed_url_is_masked_without_raising() -> None:
+    # `to` of an http message is whatever the publisher sent; logging it must not fail.
+    masked = mask_recipient("http://[not-an-ipv6/secret-path")
+    assert masked == "http://?/…"
+
+
+@pytest.mark.parametrize(
+    ("psid", "masked"),
+    [
+        (PSID, "************4321"),  # real PSIDs are 16+ digits: longer than any E.164 number
+        ("24680135791113151", "*************3151"),
+        ("page-scoped-id-abcd", "***************abcd"),
+        ("whatsapp:+15551234567", "*****************4567"),
+    ],
+)
+def test_other_identifiers_keep_their_last_four(psid: str, masked: str) -> None:
+    assert mask_recipient(psid) == masked
+
+
+@pytest.mark.parametrize("short", ["", "a", "abcd", "1234"])
+def test_short_identifiers_are_masked_entirely(short: str) -> None:
+    assert mask_recipient(short) == "*" * len(short)
+
+
+def test_none_stays_none() -> None:
+    assert mask_recipient(None) is None
+
+
+# -- the processor -------------------------------------------------------------------
+
+
+def test_processor_masks_recipient_keys_and_leaves_the_rest() -> None:
+    event: dict[str, Any] = {
+        "event": "delivery.sent", "to": PHONE, "recipient": "https://h.example/x",
+        "recipient_id": PSID, "from_": "+15550001111", "message_id": "m-1",
+        "attempt": 2, "campaign_id": "+15551234567",
+    }
+    out = _mask_recipients(None, "info", event)
+    assert out["to"] == "+15*******67"
+    assert out["recipient"] == "https://h.example/…"
+    assert out["recipient_id"] == "************4321"
+    assert out["from_"] == "+15*******11"
+    assert out["message_id"] == "m-1"
+    assert out["attempt"] == 2
+    assert out["campaign_id"] == "+15551234567"  # not a recipient key
+
+
+def test_processor_ignores_non_string_values() -> None:
+    event: dict[str, Any] = {"event": "x", "to": None, "recipient": 5}
+    assert _mask_recipients(None, "info", dict(event)) == event
+
+
+def test_logs_through_a_processor_chain_are_masked(restore_structlog: None) -> None:
+    capture = LogCapture()
+    structlog.configure(
+        processors=[structlog.contextvars.merge_contextvars, _mask_recipients, capture],
+        cache_logger_on_first_use=False,
+    )
+    log = structlog.get_logger("test")
+    with structlog.contextvars.bound_contextvars(message_id="m-9", to=PHONE):
+        log.info("delivery.sent")
+    log.info("delivery.parked", to="https://hooks.example.com/secret")
+    first, second = capture.entries
+    assert first["to"] == "+15*******67"  # masked even when bound as context
+    assert first["message_id"] == "m-9"
+    assert second["to"] == "https://hooks.example.com/…"
+    assert all("secret" not in repr(e) and PHONE not in repr(e) for e in capture.entries)
+
+
+def test_configured_json_logs_mask_recipients(
+    restore_structlog: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    logs.configure("info")
+    log = logs.get_logger("herald.test")
+    with structlog.contextvars.bound_contextvars(message_id="m-7", channel="sms"):
+        log.info("delivery.sent", to=PHONE, recipient_id=PSID)
+        log.debug("delivery.debug", to=PHONE)  # below the level: not written
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1, lines
+    record = json.loads(lines[0])
+    assert record["event"] == "delivery.sent"
+    assert record["message_id"] == "m-7"
+    assert record["channel"] == "sms"
+    assert record["level"] == "info"
+    assert record["to"] == "+15*******67"
+    assert record["recipient_id"] == "************4321"
+    assert PHONE not in lines[0] and PSID not in lines[0]
+
+
+def test_masking_comes_before_rendering_in_the_configured_chain(
+    restore_structlog: None,
+) -> None:
+    logs.configure("debug")
+    processors = structlog.get_config()["processors"]
+    assert processors[0] is structlog.contextvars.merge_contextvars
+    assert processors.index(_mask_recipients) < len(processors) - 1
