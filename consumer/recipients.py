@@ -24,13 +24,13 @@ def validate_recipient(channel: str, to: str) -> str | None:
     ``http`` an absolute ``http``/``https`` URL with a host.
     """
     if channel in ("sms", "whatsapp"):
-        if not E164_RE.match(to):
+        if not E164_RE.fullmatch(to):
             return "not an E.164 phone number (+ and 7 to 15 digits, no leading zero)"
         return None
     if channel == "messenger":
         if not to:
             return "empty page-scoped id"
-        if not PSID_RE.match(to):
+        if not PSID_RE.fullmatch(to):
             return "not a page-scoped id (5 to 32 digits)"
         return None
     if channel == "http":

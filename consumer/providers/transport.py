@@ -49,7 +49,6 @@ async def post(
     secrets: Iterable[str | None],
     provider: str,
     params: Mapping[str, str] | None = None,
-    auth: aiohttp.BasicAuth | None = None,
 ) -> Answer:
     """POST ``data`` and return the answer, or raise ``network``/``provider_error``.
 
@@ -61,7 +60,7 @@ async def post(
     secrets = tuple(secrets)
     try:
         async with session.post(
-            url, data=data, headers=headers, params=params, auth=auth, allow_redirects=False
+            url, data=data, headers=headers, params=params, allow_redirects=False
         ) as response:
             text = await response.text(errors="replace")
             return Answer(

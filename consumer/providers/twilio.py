@@ -112,8 +112,8 @@ class TwilioProvider:
             if settings.twilio_messaging_service_sid
             else ("From", settings.twilio_from or "")
         )
-        self._auth = aiohttp.BasicAuth(sid, token)
         basic = base64.b64encode(f"{sid}:{token}".encode()).decode()
+        self._authorization = f"Basic {basic}"
         self._secrets: tuple[str, ...] = (token, basic)
 
     @staticmethod
@@ -131,9 +131,9 @@ class TwilioProvider:
     async def send(self, request: SendRequest, attempt: int) -> SendResult:
         data = twilio_form(request, self.sender, self.status_callback)
         answer = await post(
-            self.session, self.url, data=data, auth=self._auth, secrets=self._secrets,
-            provider="Twilio",
-            headers={"Content-Type": "application/x-www-form-urlencoded",
+            self.session, self.url, data=data, secrets=self._secrets, provider="Twilio",
+            headers={"Authorization": self._authorization,
+                     "Content-Type": "application/x-www-form-urlencoded",
                      "Accept": "application/json"},
         )
         body = answer.json()

@@ -11,6 +11,7 @@ object. Accepted sends get status callbacks, form-encoded and signed with
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import re
 import uuid
@@ -19,7 +20,6 @@ from email.utils import format_datetime
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlencode
 
-import aiohttp
 from aiohttp import web
 
 from consumer.sandbox.callbacks import Callback
@@ -114,7 +114,7 @@ class FakeTwilio:
         to = fields.get("To", "")
         if not to:
             return (*error_body(21604), {})
-        if not _E164.match(to):
+        if not _E164.fullmatch(to):
             return (*error_body(21211, to=to), {})
         if not (fields.get("From") or fields.get("MessagingServiceSid")):
             return (*error_body(21603), {})
@@ -132,13 +132,15 @@ class FakeTwilio:
 
     def _authorized(self, request: web.Request) -> bool:
         creds = self.fakes.credentials
-        header = request.headers.get("Authorization", "")
+        scheme, _, encoded = request.headers.get("Authorization", "").partition(" ")
         try:
-            auth = aiohttp.BasicAuth.decode(header)
-        except ValueError:
+            decoded = base64.b64decode(encoded.strip(), validate=True).decode()
+        except (ValueError, UnicodeDecodeError):
             return False
-        return (auth.login == creds.twilio_account_sid
-                and auth.password == creds.twilio_auth_token
+        login, _, password = decoded.partition(":")
+        return (scheme.lower() == "basic"
+                and login == creds.twilio_account_sid
+                and password == creds.twilio_auth_token
                 and request.match_info["sid"] == creds.twilio_account_sid)
 
     @staticmethod
