@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NoReturn
 
 from consumer.errors import ConfigError
@@ -76,4 +76,14 @@ def _main(argv: Sequence[str] | None) -> int:
     logs.configure(settings.log_level)
     from consumer import commands
 
-    return asyncio.run(commands.dispatch(args, settings))
+    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+        return runner.run(commands.dispatch(args, settings))
+
+
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop when installed: the same asyncio API with far cheaper I/O per message."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop

@@ -160,6 +160,8 @@ class Service:
         if self.connection is not None:
             with suppress(Exception):
                 await self.connection.close()
+        if self.store is not None:
+            await self.store.close()
         if self.pool is not None:
             with suppress(Exception):
                 await asyncio.wait_for(self.pool.close(), 10)

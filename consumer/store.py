@@ -1,8 +1,9 @@
 """PostgreSQL access: the message's status, its attempts, campaigns.
 
-Every write the pipeline makes is one round trip to a SQL function
-(``herald_claim``, ``herald_record``), so the database decides atomically
-whether a copy of a message may be sent.
+Every decision the pipeline needs from the database is made by a SQL
+function (``herald_claim``, ``herald_record``), so PostgreSQL decides
+atomically whether a copy of a message may be sent. The messages in flight
+share transactions through group commit (:mod:`consumer.batching`).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
@@ -17,6 +19,7 @@ from typing import Any, Literal
 import asyncpg
 
 from consumer.backoff import RetryPolicy
+from consumer.batching import Batcher
 from consumer.settings import Settings
 
 ClaimOutcome = Literal["claimed", "reclaimed", "held", "duplicate", "stale"]
@@ -75,8 +78,12 @@ class Store:
 
     CAMPAIGN_CACHE_S = 30.0
 
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    def __init__(self, pool: asyncpg.Pool, *, max_batch: int = 500) -> None:
         self.pool = pool
+        self._claims: Batcher[dict[str, Any], Claim] = Batcher(
+            self._claim_many, max_batch=max_batch, name="claims")
+        self._records: Batcher[dict[str, Any], str] = Batcher(
+            self._record_many, max_batch=max_batch, name="records")
         self._campaigns: dict[str, tuple[float, Campaign | None]] = {}
 
     async def ping(self) -> None:
@@ -94,22 +101,19 @@ class Store:
         attempt: int,
         owner: str,
         lease_s: float,
-        take_over: bool = False,
     ) -> Claim:
-        row = await self.pool.fetchrow(
-            "SELECT * FROM herald_claim($1, $2, $3, $4, $5, $6, $7, $8, $9)",
-            message_id,
-            channel,
-            recipient,
-            campaign_id,
-            payload,
-            attempt,
-            owner,
-            lease_s,
-            take_over,
-        )
-        assert row is not None
-        return Claim(row["outcome"], row["status"], row["attempts"], row["claimed_until"])
+        """Claim attempt ``attempt`` of a message (see ``herald_claim`` in sql/0001)."""
+        return await self._claims.submit({
+            "message_id": message_id, "channel": channel, "recipient": recipient,
+            "campaign_id": campaign_id, "payload": payload, "attempt": attempt,
+            "owner": owner, "lease_s": lease_s,
+        })
+
+    async def _claim_many(self, items: Sequence[dict[str, Any]]) -> list[Claim]:
+        rows = await self.pool.fetch("SELECT * FROM herald_claim_many($1) ORDER BY idx",
+                                     list(items))
+        return [Claim(r["outcome"], r["status"], r["attempts"], r["claimed_until"])
+                for r in rows]
 
     async def record(
         self,
@@ -126,21 +130,24 @@ class Store:
         error_text: str | None = None,
         next_attempt_at: datetime | None = None,
     ) -> str:
-        status = await self.pool.fetchval(
-            "SELECT herald_record($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
-            message_id,
-            attempt,
-            outcome,
-            started_at,
-            latency_ms,
-            provider,
-            provider_message_id,
-            error_type,
-            error_code,
-            None if error_text is None else error_text[:2000],
-            next_attempt_at,
-        )
-        return str(status)
+        """Record an attempt's outcome; returns the message's status afterwards."""
+        return await self._records.submit({
+            "message_id": message_id, "attempt": attempt, "outcome": outcome,
+            "started_at": started_at.isoformat(), "latency_ms": latency_ms,
+            "provider": provider, "provider_message_id": provider_message_id,
+            "error_type": error_type, "error_code": error_code,
+            "error_text": None if error_text is None else error_text[:2000],
+            "next_attempt_at": None if next_attempt_at is None else next_attempt_at.isoformat(),
+        })
+
+    async def _record_many(self, items: Sequence[dict[str, Any]]) -> list[str]:
+        rows = await self.pool.fetch("SELECT * FROM herald_record_many($1) ORDER BY idx",
+                                     list(items))
+        return [str(r["status"]) for r in rows]
+
+    async def close(self) -> None:
+        await self._claims.close()
+        await self._records.close()
 
     async def record_expired(
         self, *, message_id: str, channel: str, recipient: str, campaign_id: str | None,

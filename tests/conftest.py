@@ -72,6 +72,7 @@ async def db_url() -> AsyncIterator[str]:
     schema = f"t_{uuid.uuid4().hex[:10]}"
     admin = await asyncpg.connect(DATABASE_URL)
     await admin.execute(f"CREATE SCHEMA {schema}")
+    await admin.close()
     url = with_search_path(DATABASE_URL, schema)
     conn = await asyncpg.connect(url)
     try:
@@ -79,15 +80,20 @@ async def db_url() -> AsyncIterator[str]:
     finally:
         await conn.close()
     yield url
-    await admin.execute(f"DROP SCHEMA {schema} CASCADE")
-    await admin.close()
+    # A fresh connection: a fault test may have restarted the database meanwhile.
+    admin = await asyncpg.connect(DATABASE_URL)
+    try:
+        await admin.execute(f"DROP SCHEMA {schema} CASCADE")
+    finally:
+        await admin.close()
 
 
 @pytest.fixture
 async def db(db_url: str) -> AsyncIterator[asyncpg.Connection]:
     conn = await asyncpg.connect(db_url)
     yield conn
-    await conn.close()
+    if not conn.is_closed():
+        await conn.close()
 
 
 class RunningSandbox:

@@ -1,0 +1,308 @@
+"""Benchmark: end-to-end deliveries per second against the raw broker ceiling.
+
+Runs, in one go and on the same broker and database:
+
+1. ceiling   — a bare aio-pika consumer that only acks, draining N pre-published
+               messages (same prefetch as Herald);
+2. herald    — `herald run` in its own process draining N pre-published send
+               requests to a zero-latency sandbox endpoint (sandbox in its own
+               process): published → claimed → sent → recorded → acked;
+3. latency   — the same with the sandbox answering after 200 ms;
+4. memory    — RSS of the Herald process sampled while M messages flow.
+
+Each figure is the median of --repeat runs. Prints a table and the ratio
+herald / ceiling. Usage: python bench/bench_pipeline.py [--n 20000] [--repeat 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+import statistics
+import sys
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import aio_pika
+import aiohttp
+import asyncpg
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from consumer.migrate import migrate  # noqa: E402
+from consumer.topology import Names, Topology  # noqa: E402
+
+AMQP_URL = os.environ.get("HERALD_AMQP_URL", "amqp://guest:guest@127.0.0.1:5673/")
+DATABASE_URL = os.environ.get(
+    "HERALD_DATABASE_URL", "postgresql://herald:herald@127.0.0.1:5433/herald"
+)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Fixture:
+    """A fresh prefix (declared) and schema (migrated), removed afterwards."""
+
+    def __init__(self) -> None:
+        self.prefix = f"bench{uuid.uuid4().hex[:8]}"
+        self.schema = f"bench_{uuid.uuid4().hex[:8]}"
+        self.names = Names(self.prefix)
+        self.db_url = f"{DATABASE_URL}?search_path={self.schema}"
+
+    async def __aenter__(self) -> Fixture:
+        self.connection = await aio_pika.connect_robust(AMQP_URL)
+        channel = await self.connection.channel()
+        await Topology(self.names).declare(channel)
+        await channel.close()
+        admin = await asyncpg.connect(DATABASE_URL)
+        await admin.execute(f"CREATE SCHEMA {self.schema}")
+        await admin.close()
+        conn = await asyncpg.connect(self.db_url)
+        await migrate(conn)
+        await conn.close()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        channel = await self.connection.channel()
+        topology = Topology(self.names)
+        for q in topology.queues:
+            await channel.queue_delete(q["name"])
+        for e in topology.exchanges:
+            await channel.exchange_delete(e["name"])
+        await self.connection.close()
+        admin = await asyncpg.connect(DATABASE_URL)
+        await admin.execute(f"DROP SCHEMA {self.schema} CASCADE")
+        await admin.close()
+
+    async def publish(self, n: int, to: str) -> None:
+        channel = await self.connection.channel(publisher_confirms=True)
+        exchange = await channel.get_exchange(self.names.exchange, ensure=False)
+        window = 1000
+        for start in range(0, n, window):
+            await asyncio.gather(*(
+                exchange.publish(
+                    aio_pika.Message(
+                        json.dumps({"message_id": f"b-{i}", "channel": "http", "to": to,
+                                    "body": {"n": i}}).encode(),
+                        content_type="application/json",
+                        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                    ),
+                    "send.http",
+                )
+                for i in range(start, min(n, start + window))
+            ))
+        await channel.close()
+
+    async def depth(self) -> int:
+        channel = await self.connection.channel()
+        queue = await channel.declare_queue(self.names.send_queue("http"), passive=True)
+        await channel.close()
+        return int(queue.declaration_result.message_count or 0)
+
+
+async def measure_ceiling(n: int, prefetch: int) -> float:
+    """Deliveries/s of a consumer that does nothing but ack."""
+    async with Fixture() as fx:
+        await fx.publish(n, "http://127.0.0.1:1/unused")
+        connection = await aio_pika.connect_robust(AMQP_URL)
+        channel = await connection.channel()
+        await channel.set_qos(prefetch_count=prefetch)
+        queue = await channel.get_queue(fx.names.send_queue("http"), ensure=False)
+        done = asyncio.Event()
+        count = 0
+
+        async def on_message(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+            nonlocal count
+            await message.ack()
+            count += 1
+            if count >= n:
+                done.set()
+
+        t0 = time.perf_counter()
+        await queue.consume(on_message)
+        await done.wait()
+        elapsed = time.perf_counter() - t0
+        await connection.close()
+        return n / elapsed
+
+
+async def start_process(
+    args: list[str], env: dict[str, str], log: Path
+) -> asyncio.subprocess.Process:
+    handle = log.open("ab")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "consumer", *args, env={**os.environ, **env},
+        stdout=handle, stderr=handle, cwd=str(REPO),
+    )
+    handle.close()
+    return proc
+
+
+async def wait_http(url: str, within_s: float = 30) -> None:
+    deadline = time.monotonic() + within_s
+    async with aiohttp.ClientSession() as session:
+        while True:
+            try:
+                async with session.get(url) as r:
+                    if r.status == 200:
+                        return
+            except aiohttp.ClientError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{url} not ready after {within_s} s")
+            await asyncio.sleep(0.1)
+
+
+async def stop(proc: asyncio.subprocess.Process) -> None:
+    if proc.returncode is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(proc.wait(), 30)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def pids_named(*names: str) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                comm = (entry / "comm").read_text().strip()
+            except OSError:
+                continue
+            if comm in names:
+                found.append(int(entry.name))
+    return found
+
+
+def cpu_of(pids: list[int]) -> float:
+    total = 0.0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            total += cpu_seconds(pid)
+    return total
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+async def measure_herald(
+    n: int, prefetch: int, latency_ms: float, log_dir: Path,
+    sample: Callable[[int], Awaitable[None]] | None = None,
+) -> tuple[float, list[tuple[int, float]]]:
+    """Deliveries/s of `herald run` draining n pre-published requests; RSS samples."""
+    async with Fixture() as fx:
+        sandbox_port, http_port = free_port(), free_port()
+        sandbox = await start_process(["sandbox", "--port", str(sandbox_port)], {},
+                                      log_dir / "sandbox.log")
+        await wait_http(f"http://127.0.0.1:{sandbox_port}/_sandbox/counts")
+        query = f"?latency_ms={latency_ms:g}" if latency_ms else ""
+        await fx.publish(n, f"http://127.0.0.1:{sandbox_port}/http/bench{query}")
+        env = {
+            "HERALD_PREFIX": fx.prefix, "HERALD_DATABASE_URL": fx.db_url,
+            "HERALD_AMQP_URL": AMQP_URL, "HERALD_HTTP_PORT": str(http_port),
+            "HERALD_HTTP_HOST": "127.0.0.1", "HERALD_PREFETCH": str(prefetch),
+            "HERALD_LOG_LEVEL": "warning",
+        }
+        db = await asyncpg.connect(fx.db_url)
+        samples: list[tuple[int, float]] = []
+        herald = await start_process(["run", "--channels", "http"], env, log_dir / "herald.log")
+        broker, database = pids_named("beam.smp"), pids_named("postgres")
+        try:
+            t0 = time.perf_counter()
+            await wait_http(f"http://127.0.0.1:{http_port}/readyz")
+            cpu0 = [cpu_seconds(herald.pid), cpu_seconds(sandbox.pid), cpu_of(broker),
+                    cpu_of(database), time.perf_counter()]
+            while True:
+                sent = await db.fetchval("SELECT count(*) FROM messages WHERE status='sent'")
+                samples.append((sent, rss_mib(herald.pid)))
+                if sent >= n and await fx.depth() == 0:
+                    break
+                if herald.returncode is not None:
+                    raise RuntimeError(f"herald exited; see {log_dir / 'herald.log'}")
+                await asyncio.sleep(0.05 if n <= 20000 else 0.5)
+            elapsed = time.perf_counter() - t0
+            cpu1 = [cpu_seconds(herald.pid), cpu_seconds(sandbox.pid), cpu_of(broker),
+                    cpu_of(database), time.perf_counter()]
+            wall = cpu1[4] - cpu0[4]
+            print("    cpu share of one core during the run: " + ", ".join(
+                f"{name} {(b - a) / wall:.0%}" for name, a, b in
+                zip(("herald", "sandbox", "rabbitmq", "postgres"), cpu0, cpu1, strict=False)),
+                f"({1e6 * (cpu1[0] - cpu0[0]) / n:.0f} µs herald CPU per message)", flush=True)
+        finally:
+            await db.close()
+            await stop(herald)
+            await stop(sandbox)
+        return n / elapsed, samples
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=20000, help="messages per throughput run")
+    parser.add_argument("--latency-n", type=int, default=10000,
+                        help="messages for the 200 ms latency run")
+    parser.add_argument("--memory-n", type=int, default=100000,
+                        help="messages for the memory run (0 to skip)")
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--prefetch", type=int, default=256)
+    parser.add_argument("--latency-prefetch", type=int, default=512)
+    args = parser.parse_args()
+    log_dir = REPO / ".local" / "bench"
+    log_dir.mkdir(parents=True, exist_ok=True)
+
+    ceilings, heralds, slow = [], [], []
+    for i in range(args.repeat):
+        ceilings.append(await measure_ceiling(args.n, args.prefetch))
+        rate, _ = await measure_herald(args.n, args.prefetch, 0, log_dir)
+        heralds.append(rate)
+        print(f"run {i + 1}: ceiling {ceilings[-1]:8.0f}/s   herald {heralds[-1]:8.0f}/s",
+              flush=True)
+    for i in range(args.repeat):
+        rate, _ = await measure_herald(args.latency_n, args.latency_prefetch, 200, log_dir)
+        slow.append(rate)
+        print(f"run {i + 1}: herald with 200 ms provider latency {rate:8.0f}/s", flush=True)
+
+    ceiling = statistics.median(ceilings)
+    herald = statistics.median(heralds)
+    print()
+    print(f"bare aio-pika ack-only ceiling : {ceiling:8.0f} deliveries/s (median of "
+          f"{args.repeat}, {args.n} messages, prefetch {args.prefetch})")
+    print(f"herald end to end, 0 ms sandbox: {herald:8.0f} deliveries/s")
+    print(f"ratio herald / ceiling         : {herald / ceiling:8.2f}   (target >= 0.50)")
+    print(f"herald, 200 ms sandbox latency : {statistics.median(slow):8.0f} deliveries/s "
+          f"(prefetch {args.latency_prefetch}; target >= 1000)")
+
+    if args.memory_n:
+        rate, samples = await measure_herald(args.memory_n, args.prefetch, 0, log_dir)
+        marks = [samples[int(len(samples) * f)] for f in (0.1, 0.25, 0.5, 0.75)] + [samples[-1]]
+        print(f"memory while {args.memory_n} messages flow ({rate:.0f}/s): "
+              + ", ".join(f"{sent} sent → {rss:.0f} MiB" for sent, rss in marks))
+        growth = marks[-1][1] - marks[0][1]
+        print(f"RSS growth from 10 % to 100 % of the run: {growth:+.1f} MiB")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

@@ -1,0 +1,88 @@
+"""Group commit: many callers' writes in one database transaction.
+
+Each message's claim and outcome must be committed before its ack, but a
+commit per message makes the disk's fsync the speed limit. A
+:class:`Batcher` collects the requests of all messages in flight and runs
+them as one statement; while one batch is being written, the next one fills
+up, so batches grow with load and stay at one item when idle. Each caller
+still awaits *its own* result, and a failed batch fails every caller in it
+(each then retries on its own, as with a single write).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Generic, TypeVar
+
+Item = TypeVar("Item")
+Result = TypeVar("Result")
+
+
+class Batcher(Generic[Item, Result]):
+    def __init__(
+        self,
+        write: Callable[[Sequence[Item]], Awaitable[Sequence[Result]]],
+        *,
+        max_batch: int = 500,
+        name: str = "batch",
+    ) -> None:
+        self._write = write
+        self._max_batch = max_batch
+        self._name = name
+        self._pending: list[tuple[Item, asyncio.Future[Result]]] = []
+        self._wakeup = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    async def submit(self, item: Item) -> Result:
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._run(), name=f"batcher-{self._name}")
+        future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
+        self._pending.append((item, future))
+        self._wakeup.set()
+        return await future
+
+    async def _run(self) -> None:
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            while self._pending:
+                batch = self._pending[: self._max_batch]
+                del self._pending[: self._max_batch]
+                live = [(item, fut) for item, fut in batch if not fut.cancelled()]
+                if not live:
+                    continue
+                try:
+                    results = await self._write([item for item, _ in live])
+                except asyncio.CancelledError:
+                    for _, fut in live:
+                        if not fut.done():
+                            fut.cancel()
+                    raise
+                except Exception as exc:
+                    for _, fut in live:
+                        if not fut.done():
+                            fut.set_exception(exc)
+                    continue
+                if len(results) != len(live):
+                    error = RuntimeError(f"{self._name}: {len(results)} results for "
+                                         f"{len(live)} items")
+                    for _, fut in live:
+                        if not fut.done():
+                            fut.set_exception(error)
+                    continue
+                for (_, fut), result in zip(live, results, strict=True):
+                    if not fut.done():
+                        fut.set_result(result)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        for _, fut in self._pending:
+            if not fut.done():
+                fut.cancel()
+        self._pending.clear()
