@@ -7,9 +7,9 @@ the functions that apply a table are pure so every row is unit-tested.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from typing import Any, NamedTuple
-from urllib.parse import quote, quote_plus
 
 from consumer.errors import DeliveryError, ErrorType
 from consumer.logs import mask_recipient
@@ -82,17 +82,29 @@ def shorten(text: str) -> str:
 
 
 def redact(text: str, secrets: Iterable[str | None]) -> str:
-    """``text`` with every secret (raw or URL-encoded) replaced by ``***``.
+    """``text`` with every secret replaced by ``***``, however it was URL-encoded.
 
     Belt and braces: adapters never put credentials into error text on
-    purpose, but a provider or a library may echo them back.
+    purpose, but a provider or a library may echo them back, and URL
+    libraries differ in which characters they escape (``/``, ``+``, ``=``).
     """
     for secret in secrets:
-        if not secret:
-            continue
-        for form in {secret, quote(secret, safe=""), quote_plus(secret)}:
-            text = text.replace(form, "***")
+        if secret:
+            text = _secret_pattern(secret).sub("***", text)
     return text
+
+
+def _secret_pattern(secret: str) -> re.Pattern[str]:
+    # Each character either as itself or as its %XX escapes (either case);
+    # a space also as "+", as form encoding writes it.
+    parts = []
+    for char in secret:
+        escaped = "".join(f"%{byte:02x}" for byte in char.encode())
+        options = [re.escape(char), re.escape(escaped), re.escape(escaped.upper())]
+        if char == " ":
+            options.append(r"\+")
+        parts.append(f"(?:{'|'.join(options)})")
+    return re.compile("".join(parts))
 
 
 def mask_recipient_in(text: str, recipient: str) -> str:
