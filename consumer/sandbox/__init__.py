@@ -1,5 +1,17 @@
 """``herald sandbox``: local fake providers speaking the real wire formats."""
 
 from consumer.sandbox.app import Received, Sandbox
+from consumer.sandbox.callbacks import CallbackConfig
+from consumer.sandbox.env import SandboxCredentials, sandbox_env
+from consumer.sandbox.providers import ProviderSandbox
+from consumer.sandbox.scripts import Script
 
-__all__ = ["Received", "Sandbox"]
+__all__ = [
+    "CallbackConfig",
+    "ProviderSandbox",
+    "Received",
+    "Sandbox",
+    "SandboxCredentials",
+    "Script",
+    "sandbox_env",
+]

@@ -55,6 +55,15 @@ class CallbackConfig:
     timeout_s: float = 5.0
     seed: int | None = None
 
+    @classmethod
+    def for_herald(cls, public_url: str, **changes: Any) -> CallbackConfig:
+        """Meta's webhooks to Herald's receivers under ``public_url`` (HERALD_PUBLIC_URL)."""
+        base = public_url.rstrip("/")
+        config = cls(whatsapp_url=f"{base}/webhooks/whatsapp",
+                     messenger_url=f"{base}/webhooks/messenger")
+        config.update(changes)
+        return config
+
     def update(self, changes: Mapping[str, Any]) -> None:
         """Apply a partial JSON update (``meta_callback_url`` sets both Meta URLs).
 

@@ -3,14 +3,12 @@
 The sandbox checks the credentials Herald sends exactly as the providers do,
 so Herald and the sandbox must agree on them: :func:`sandbox_env` gives the
 ``HERALD_*`` variables matching :class:`SandboxCredentials`' defaults, for
-``make run``, demos and tests. ``python -m consumer.sandbox.env [PORT]``
-prints them as shell ``export`` lines.
+``make run``, demos and tests. ``python -m consumer.sandbox [PORT]`` prints
+them as shell ``export`` lines.
 """
 
 from __future__ import annotations
 
-import shlex
-import sys
 from dataclasses import dataclass, fields
 
 from consumer.settings import Settings
@@ -77,13 +75,3 @@ def sandbox_env(
         env["HERALD_PUBLIC_URL"] = public_url
     return env
 
-
-def main(argv: list[str]) -> int:
-    port = int(argv[0]) if argv else 8090
-    for name, value in sandbox_env(port).items():
-        print(f"export {name}={shlex.quote(value)}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main(sys.argv[1:]))

@@ -404,6 +404,13 @@ def test_callback_config_update() -> None:
     assert config.statuses == ("delivered",)  # a refused update changes nothing
 
 
+def test_callback_config_for_herald() -> None:
+    config = CallbackConfig.for_herald("http://127.0.0.1:8080/", statuses=["delivered"])
+    assert config.whatsapp_url == "http://127.0.0.1:8080/webhooks/whatsapp"
+    assert config.messenger_url == "http://127.0.0.1:8080/webhooks/messenger"
+    assert config.statuses == ("delivered",)
+
+
 def _callbacks(n: int) -> list[Callback]:
     return [Callback("twilio", "http://x", f"s{i}", "SM1", lambda: (b"", {})) for i in range(n)]
 
