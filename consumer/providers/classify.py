@@ -11,7 +11,7 @@ import re
 from collections.abc import Iterable
 from typing import Any, NamedTuple
 
-from consumer.errors import DeliveryError, ErrorType
+from consumer.errors import RETRYABLE_BY_DEFAULT, DeliveryError, ErrorType
 from consumer.logs import mask_recipient
 
 # Error text is stored and shown to operators; keep it to a readable size.
@@ -36,7 +36,7 @@ class Rule(NamedTuple):
 def rule(error_type: ErrorType, *, provider_wide: bool = False,
          min_retry_after: float | None = None, retryable: bool | None = None) -> Rule:
     """A :class:`Rule` whose retryability defaults to the error type's (DESIGN.md §5)."""
-    default = error_type in (ErrorType.RATE_LIMIT, ErrorType.NETWORK, ErrorType.PROVIDER_ERROR)
+    default = error_type in RETRYABLE_BY_DEFAULT
     return Rule(error_type, default if retryable is None else retryable, provider_wide,
                 min_retry_after)
 
