@@ -27,7 +27,6 @@ import statistics
 import sys
 import time
 import uuid
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import aio_pika
@@ -130,10 +129,14 @@ async def measure_ceiling(n: int, prefetch: int) -> float:
             if count >= n:
                 done.set()
 
-        t0 = time.perf_counter()
+        broker = pids_named("beam.smp")
+        t0, c0, b0 = time.perf_counter(), time.process_time(), cpu_of(broker)
         await queue.consume(on_message)
         await done.wait()
         elapsed = time.perf_counter() - t0
+        print(f"    cpu share of one core during the run: consumer "
+              f"{(time.process_time() - c0) / elapsed:.0%}, rabbitmq "
+              f"{(cpu_of(broker) - b0) / elapsed:.0%}", flush=True)
         await connection.close()
         return n / elapsed
 
@@ -202,6 +205,38 @@ def cpu_of(pids: list[int]) -> float:
     return total
 
 
+class CpuMeter:
+    """CPU used by named processes, counting ones that start during the run
+    (PostgreSQL starts a backend per new connection)."""
+
+    def __init__(self, *names: str) -> None:
+        self.names = names
+        self.start = {pid: cpu_of([pid]) for pid in pids_named(*names)}
+
+    def used(self) -> float:
+        now = {pid: cpu_of([pid]) for pid in pids_named(*self.names)}
+        return sum(cpu - self.start.get(pid, 0.0) for pid, cpu in now.items())
+
+
+def batch_summary(exposition: str) -> str:
+    """Mean group-commit batch size and time, from Herald's own metrics."""
+    values: dict[str, float] = {}
+    for line in exposition.splitlines():
+        if line.startswith(("herald_db_batch_size_", "herald_db_batch_seconds_")) and (
+                "_sum{" in line or "_count{" in line):
+            name, value = line.rsplit(" ", 1)
+            values[name] = float(value)
+    parts = []
+    for kind in ("claims", "records"):
+        count = values.get(f'herald_db_batch_size_count{{kind="{kind}"}}', 0.0)
+        if count:
+            size = values[f'herald_db_batch_size_sum{{kind="{kind}"}}'] / count
+            secs = values[f'herald_db_batch_seconds_sum{{kind="{kind}"}}'] / count
+            parts.append(f"{kind}: {count:.0f} batches, mean {size:.1f} items, "
+                         f"{secs * 1000:.1f} ms")
+    return "db batches: " + "; ".join(parts)
+
+
 def rss_mib(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -210,43 +245,60 @@ def rss_mib(pid: int) -> float:
 
 
 async def measure_herald(
-    n: int, prefetch: int, latency_ms: float, log_dir: Path,
-    sample: Callable[[int], Awaitable[None]] | None = None,
+    n: int, prefetch: int, latency_ms: float, log_dir: Path, *, processes: int = 1,
 ) -> tuple[float, list[tuple[int, float]]]:
     """Deliveries/s of `herald run` draining n pre-published requests; RSS samples."""
     async with Fixture() as fx:
-        sandbox_port, http_port = free_port(), free_port()
+        sandbox_port = free_port()
         sandbox = await start_process(["sandbox", "--port", str(sandbox_port)], {},
                                       log_dir / "sandbox.log")
         await wait_http(f"http://127.0.0.1:{sandbox_port}/_sandbox/counts")
         query = f"?latency_ms={latency_ms:g}" if latency_ms else ""
         await fx.publish(n, f"http://127.0.0.1:{sandbox_port}/http/bench{query}")
-        env = {
-            "HERALD_PREFIX": fx.prefix, "HERALD_DATABASE_URL": fx.db_url,
-            "HERALD_AMQP_URL": AMQP_URL, "HERALD_HTTP_PORT": str(http_port),
-            "HERALD_HTTP_HOST": "127.0.0.1", "HERALD_PREFETCH": str(prefetch),
-            "HERALD_LOG_LEVEL": "warning",
-        }
         db = await asyncpg.connect(fx.db_url)
         samples: list[tuple[int, float]] = []
-        herald = await start_process(["run", "--channels", "http"], env, log_dir / "herald.log")
-        broker, database = pids_named("beam.smp"), pids_named("postgres")
+        heralds: list[asyncio.subprocess.Process] = []
         try:
-            t0 = time.perf_counter()
-            await wait_http(f"http://127.0.0.1:{http_port}/readyz")
-            cpu0 = [cpu_seconds(herald.pid), cpu_seconds(sandbox.pid), cpu_of(broker),
-                    cpu_of(database), time.perf_counter()]
+            ports = []
+            for _ in range(processes):
+                ports.append(free_port())
+                env = {
+                    "HERALD_PREFIX": fx.prefix, "HERALD_DATABASE_URL": fx.db_url,
+                    "HERALD_AMQP_URL": AMQP_URL, "HERALD_HTTP_PORT": str(ports[-1]),
+                    "HERALD_HTTP_HOST": "127.0.0.1", "HERALD_PREFETCH": str(prefetch),
+                    "HERALD_LOG_LEVEL": "warning",
+                }
+                heralds.append(await start_process(["run", "--channels", "http"], env,
+                                                   log_dir / "herald.log"))
+            for port in ports:
+                await wait_http(f"http://127.0.0.1:{port}/readyz")
+
+            broker_meter, database_meter = CpuMeter("beam.smp"), CpuMeter("postgres")
+
+            def usage() -> list[float]:
+                return [sum(cpu_seconds(h.pid) for h in heralds), cpu_seconds(sandbox.pid),
+                        broker_meter.used(), database_meter.used(), time.perf_counter()]
+
+            cpu0 = usage()
             while True:
+                # Poll rarely: counting rows costs the database CPU it would
+                # otherwise spend on Herald.
                 sent = await db.fetchval("SELECT count(*) FROM messages WHERE status='sent'")
-                samples.append((sent, rss_mib(herald.pid)))
+                samples.append((sent, rss_mib(heralds[0].pid)))
                 if sent >= n and await fx.depth() == 0:
                     break
-                if herald.returncode is not None:
+                if any(h.returncode is not None for h in heralds):
                     raise RuntimeError(f"herald exited; see {log_dir / 'herald.log'}")
-                await asyncio.sleep(0.05 if n <= 20000 else 0.5)
-            elapsed = time.perf_counter() - t0
-            cpu1 = [cpu_seconds(herald.pid), cpu_seconds(sandbox.pid), cpu_of(broker),
-                    cpu_of(database), time.perf_counter()]
+                await asyncio.sleep(0.5)
+            # The run is timed by the database's own record: from the first claim
+            # to the last `sent`, so start-up and polling granularity do not count.
+            elapsed = await db.fetchval(
+                "SELECT extract(epoch FROM max(sent_at) - min(sending_at)) FROM messages")
+            cpu1 = usage()
+            async with aiohttp.ClientSession() as session, session.get(
+                    f"http://127.0.0.1:{ports[0]}/metrics") as r:
+                exposition = await r.text()
+            print("    " + batch_summary(exposition), flush=True)
             wall = cpu1[4] - cpu0[4]
             print("    cpu share of one core during the run: " + ", ".join(
                 f"{name} {(b - a) / wall:.0%}" for name, a, b in
@@ -254,7 +306,8 @@ async def measure_herald(
                 f"({1e6 * (cpu1[0] - cpu0[0]) / n:.0f} µs herald CPU per message)", flush=True)
         finally:
             await db.close()
-            await stop(herald)
+            for h in heralds:
+                await stop(h)
             await stop(sandbox)
         return n / elapsed, samples
 

@@ -13,8 +13,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Generic, TypeVar
+
+from consumer import metrics
 
 Item = TypeVar("Item")
 Result = TypeVar("Result")
@@ -34,6 +37,8 @@ class Batcher(Generic[Item, Result]):
         self._pending: list[tuple[Item, asyncio.Future[Result]]] = []
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._size = metrics.DB_BATCH_SIZE.labels(name)
+        self._seconds = metrics.DB_BATCH_SECONDS.labels(name)
 
     async def submit(self, item: Item) -> Result:
         if self._task is None or self._task.done():
@@ -53,8 +58,11 @@ class Batcher(Generic[Item, Result]):
                 live = [(item, fut) for item, fut in batch if not fut.cancelled()]
                 if not live:
                     continue
+                self._size.observe(len(live))
+                started = time.perf_counter()
                 try:
                     results = await self._write([item for item, _ in live])
+                    self._seconds.observe(time.perf_counter() - started)
                 except asyncio.CancelledError:
                     for _, fut in live:
                         if not fut.done():

@@ -59,3 +59,15 @@ INFRA_RETRIES = Counter(
 CONSUMERS_ACTIVE = Gauge(
     "herald_channel_consumer_active", "1 when the channel's queue is being consumed", ["channel"]
 )
+DB_BATCH_SIZE = Histogram(
+    "herald_db_batch_size",
+    "Messages written per database transaction (group commit)",
+    ["kind"],
+    buckets=(1, 2, 5, 10, 25, 50, 100, 250, 500),
+)
+DB_BATCH_SECONDS = Histogram(
+    "herald_db_batch_seconds",
+    "Time one group-commit transaction took",
+    ["kind"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
+)

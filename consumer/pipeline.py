@@ -153,7 +153,7 @@ class Pipeline:
             return await self._defer(message, request, headers, attempt, due_at, "send_at")
 
         policy = await self._policy(request)
-        claim = await self._claim(request, attempt)
+        claim = await self._claim(request, message.body, attempt)
         if claim is None:
             metrics.DUPLICATES.labels(channel).inc()
             return Outcome("duplicate", request.message_id, attempt)
@@ -223,7 +223,7 @@ class Pipeline:
             mode=spec.mode if spec else None,
         )
 
-    async def _claim(self, request: SendRequest, attempt: int) -> bool | None:
+    async def _claim(self, request: SendRequest, body: bytes, attempt: int) -> bool | None:
         """Claim the attempt; True to send, None when this copy must not be sent."""
         while True:
             claim = await self._infra(
@@ -231,7 +231,7 @@ class Pipeline:
                 lambda: self.store.claim(
                     message_id=request.message_id, channel=request.channel,
                     recipient=request.to, campaign_id=request.campaign_id,
-                    payload=_payload(request), attempt=attempt, owner=self.instance_id,
+                    payload_json=body.decode("utf-8"), attempt=attempt, owner=self.instance_id,
                     lease_s=self.lease_s,
                 ),
             )

@@ -57,6 +57,11 @@ class Campaign:
     retry_mode: str | None
 
 
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """Pool release hook replacing asyncpg's default reset query (a round trip per
+    release): Herald never leaves session state (LISTEN, SET, locks) behind."""
+
+
 async def _init_connection(conn: asyncpg.Connection) -> None:
     await conn.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
 
@@ -67,6 +72,7 @@ async def create_pool(settings: Settings, *, min_size: int = 1) -> asyncpg.Pool:
         min_size=min_size,
         max_size=settings.db_pool_size,
         init=_init_connection,
+        reset=_keep_session,
         command_timeout=30,
     )
     assert pool is not None
@@ -97,23 +103,43 @@ class Store:
         channel: str,
         recipient: str,
         campaign_id: str | None,
-        payload: Any,
+        payload_json: str,
         attempt: int,
         owner: str,
         lease_s: float,
     ) -> Claim:
-        """Claim attempt ``attempt`` of a message (see ``herald_claim`` in sql/0001)."""
+        """Claim attempt ``attempt`` of a message (see ``herald_claim`` in sql/0001).
+
+        ``payload_json`` is the request as published (already JSON text, so it
+        is stored without being decoded and encoded again).
+        """
         return await self._claims.submit({
             "message_id": message_id, "channel": channel, "recipient": recipient,
-            "campaign_id": campaign_id, "payload": payload, "attempt": attempt,
+            "campaign_id": campaign_id, "payload_json": payload_json, "attempt": attempt,
             "owner": owner, "lease_s": lease_s,
         })
 
     async def _claim_many(self, items: Sequence[dict[str, Any]]) -> list[Claim]:
-        rows = await self.pool.fetch("SELECT * FROM herald_claim_many($1) ORDER BY idx",
-                                     list(items))
-        return [Claim(r["outcome"], r["status"], r["attempts"], r["claimed_until"])
-                for r in rows]
+        results: list[Claim | None] = [None] * len(items)
+        parts: list[str] = []
+        seen: set[str] = set()
+        for idx, item in enumerate(items):
+            if item["message_id"] in seen:
+                # A second copy of a message in the same batch waits for the first.
+                results[idx] = Claim("held", "sending", item["attempt"], None)
+                continue
+            seen.add(item["message_id"])
+            fields = {k: v for k, v in item.items() if k != "payload_json"}
+            fields["idx"] = idx
+            # The payload is spliced in as the JSON text it already is.
+            parts.append(json.dumps(fields)[:-1] + ',"payload":' + item["payload_json"] + "}")
+        rows = await self.pool.fetch(
+            "SELECT * FROM herald_claim_batch($1::text::jsonb)", "[" + ",".join(parts) + "]"
+        )
+        for r in rows:
+            results[r["idx"]] = Claim(r["outcome"], r["status"], r["attempts"],
+                                      r["claimed_until"])
+        return [c if c is not None else Claim("held", "sending", 0, None) for c in results]
 
     async def record(
         self,
@@ -141,9 +167,27 @@ class Store:
         })
 
     async def _record_many(self, items: Sequence[dict[str, Any]]) -> list[str]:
-        rows = await self.pool.fetch("SELECT * FROM herald_record_many($1) ORDER BY idx",
-                                     list(items))
-        return [str(r["status"]) for r in rows]
+        results: list[str] = [""] * len(items)
+        remaining = list(enumerate(items))
+        while remaining:
+            # One SQL call per round of distinct messages (two outcomes of one
+            # message in a batch are rare, and must apply in order).
+            this_round: list[dict[str, Any]] = []
+            later: list[tuple[int, dict[str, Any]]] = []
+            seen: set[str] = set()
+            for idx, item in remaining:
+                if item["message_id"] in seen:
+                    later.append((idx, item))
+                else:
+                    seen.add(item["message_id"])
+                    this_round.append(item | {"idx": idx})
+            rows = await self.pool.fetch(
+                "SELECT * FROM herald_record_batch($1::text::jsonb)", json.dumps(this_round)
+            )
+            for r in rows:
+                results[r["idx"]] = str(r["status"])
+            remaining = later
+        return results
 
     async def close(self) -> None:
         await self._claims.close()

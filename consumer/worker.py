@@ -10,6 +10,8 @@ broker to requeue.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from typing import Any
 
 import structlog
 from aio_pika.abc import (
@@ -42,7 +44,8 @@ class ChannelConsumer:
         self.channel_name = channel_name
         self.pipeline = pipeline
         self.prefetch = prefetch
-        self.tasks: set[asyncio.Task[object]] = set()
+        self.tasks: set[asyncio.Task[Any]] = set()
+        self._in_flight = metrics.IN_FLIGHT.labels(channel_name)
         self._amqp_channel: AbstractChannel | None = None
         self._queue: AbstractQueue | None = None
         self._consumer_tag: str | None = None
@@ -62,29 +65,25 @@ class ChannelConsumer:
         log.info("consumer.started", channel=self.channel_name, prefetch=self.prefetch)
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
-        task = asyncio.create_task(self._process(message))
+        # aio-pika already runs each delivery in a task of its own: track that task
+        # (for the graceful drain) rather than spawning another one per message.
+        task = asyncio.current_task()
+        assert task is not None
         self.tasks.add(task)
-        task.add_done_callback(self._reap)
-
-    async def _process(self, message: AbstractIncomingMessage) -> object:
-        gauge = metrics.IN_FLIGHT.labels(self.channel_name)
-        gauge.inc()
+        self._in_flight.inc()
         try:
-            return await self.pipeline.process(message, self.channel_name)
-        finally:
-            gauge.dec()
-
-    def _reap(self, task: asyncio.Task[object]) -> None:
-        self.tasks.discard(task)
-        if task.cancelled():
-            return
-        exc = task.exception()
-        if exc is not None:
-            # Unexpected (e.g. a database error that is not an outage): the message
-            # is left unacked and will be redelivered; x-delivery-limit eventually
-            # parks a message that keeps failing this way.
+            await self.pipeline.process(message, self.channel_name)
+        except Exception as exc:
+            # Unexpected (e.g. a database error that is not an outage): hand the
+            # message back for redelivery; x-delivery-limit parks one that keeps
+            # failing this way instead of letting it loop for ever.
             log.error("delivery.crashed", channel=self.channel_name, error=repr(exc)[:500],
                       exc_info=exc)
+            with contextlib.suppress(Exception):
+                await message.nack(requeue=True)
+        finally:
+            self._in_flight.dec()
+            self.tasks.discard(task)
 
     async def stop_consuming(self) -> None:
         if self._queue is not None and self._consumer_tag is not None:

@@ -57,7 +57,8 @@ CREATE INDEX messages_campaign_status_idx ON messages (campaign_id, status)
     WHERE campaign_id IS NOT NULL;
 CREATE INDEX messages_failed_error_type_idx ON messages (last_error_type, failed_at)
     WHERE status = 'failed';
-CREATE UNIQUE INDEX messages_provider_message_idx ON messages (provider, provider_message_id)
+-- Not unique: a generic HTTP endpoint may answer the same "id" for many sends.
+CREATE INDEX messages_provider_message_idx ON messages (provider, provider_message_id)
     WHERE provider_message_id IS NOT NULL;
 
 CREATE TABLE delivery_attempts (
@@ -81,110 +82,156 @@ CREATE INDEX delivery_attempts_message_idx ON delivery_attempts (message_id, att
 CREATE INDEX delivery_attempts_error_type_idx ON delivery_attempts (error_type, finished_at)
     WHERE error_type IS NOT NULL;
 
--- Claim attempt p_attempt of a message for the consumer p_owner.
+-- Both batch functions are PL/pgSQL wrapping one set-based statement so that
+-- the statement's plan is cached per connection instead of planned per call.
+-- They only ever touch messages by primary key; sequential scans are switched
+-- off inside them because the table grows by thousands of rows a second and
+-- its statistics lag behind, which would otherwise make the planner scan it
+-- whole for every batch.
+
+-- Claim a batch of attempts (one transaction for all the messages in flight).
+-- p_items: [{"idx", "message_id", "channel", "recipient", "campaign_id",
+--            "payload", "attempt", "owner", "lease_s"}, ...] with distinct
+-- message_ids (the caller holds back a second copy of the same message).
 --
--- outcome:
+-- outcome per item:
 --   claimed    the caller may send (a new row, or the next attempt of a known one)
 --   reclaimed  the same attempt was claimed before and never finished (its
---              consumer died): the caller may send; the attempt is recorded as
---              abandoned, because the provider may have accepted it already
---   held       another consumer holds a live lease on this very attempt
+--              consumer died): the caller may send; the earlier claim is
+--              recorded as an 'abandoned' attempt, since the provider may have
+--              accepted it already
+--   held       another consumer holds a live lease on this very attempt (or the
+--              row appeared concurrently): ask again later
 --   duplicate  already sent/delivered/read/cancelled/expired: do not send
 --   stale      a copy of an attempt that already has an outcome: do not send
-CREATE FUNCTION herald_claim(
-    p_message_id text, p_channel text, p_recipient text, p_campaign_id text,
-    p_payload jsonb, p_attempt integer, p_owner text, p_lease_s double precision,
-    p_take_over boolean
-) RETURNS TABLE (outcome text, status text, attempts integer, claimed_until timestamptz)
-LANGUAGE plpgsql AS $$
+CREATE FUNCTION herald_claim_batch(p_items jsonb)
+RETURNS TABLE (idx integer, outcome text, status text, attempts integer,
+               claimed_until timestamptz)
+LANGUAGE plpgsql
+SET enable_seqscan = off
+AS $$
 #variable_conflict use_column
-DECLARE
-    r messages%ROWTYPE;
-    lease_end timestamptz := clock_timestamp() + make_interval(secs => p_lease_s);
 BEGIN
-    INSERT INTO messages AS m (message_id, status, channel, recipient, campaign_id, payload,
-                               attempts, claimed_by, claimed_until, queued_at, sending_at)
-    VALUES (p_message_id, 'sending', p_channel, p_recipient, p_campaign_id, p_payload,
-            p_attempt, p_owner, lease_end, now(), now())
-    ON CONFLICT (message_id) DO NOTHING;
-    IF FOUND THEN
-        RETURN QUERY SELECT 'claimed'::text, 'sending'::text, p_attempt, lease_end;
-        RETURN;
-    END IF;
-
-    SELECT * INTO r FROM messages m WHERE m.message_id = p_message_id FOR UPDATE;
-
-    IF r.status IN ('sent', 'delivered', 'read', 'cancelled', 'expired') THEN
-        RETURN QUERY SELECT 'duplicate'::text, r.status, r.attempts, r.claimed_until;
-        RETURN;
-    END IF;
-    IF r.attempts > p_attempt OR (r.attempts = p_attempt AND r.status <> 'sending') THEN
-        RETURN QUERY SELECT 'stale'::text, r.status, r.attempts, r.claimed_until;
-        RETURN;
-    END IF;
-    IF r.status = 'sending' AND r.attempts = p_attempt
-       AND r.claimed_until > clock_timestamp() AND NOT p_take_over THEN
-        RETURN QUERY SELECT 'held'::text, r.status, r.attempts, r.claimed_until;
-        RETURN;
-    END IF;
-
-    IF r.status = 'sending' THEN
-        -- The attempt in progress never recorded an outcome: its consumer died.
-        INSERT INTO delivery_attempts (message_id, attempt, started_at, outcome, error_text)
-        VALUES (p_message_id, r.attempts, COALESCE(r.sending_at, r.updated_at), 'abandoned',
-                'consumer stopped before recording the outcome');
-    END IF;
-
+RETURN QUERY
+WITH input AS (
+    SELECT x.idx, x.message_id, x.channel, x.recipient, x.campaign_id, x.payload, x.attempt,
+           x.owner, clock_timestamp() + make_interval(secs => x.lease_s) AS lease_end
+      FROM jsonb_to_recordset(p_items) AS x(
+           idx integer, message_id text, channel text, recipient text, campaign_id text,
+           payload jsonb, attempt integer, owner text, lease_s double precision)
+),
+inserted AS (
+    INSERT INTO messages (message_id, status, channel, recipient, campaign_id, payload,
+                          attempts, claimed_by, claimed_until, queued_at, sending_at)
+    SELECT message_id, 'sending', channel, recipient, campaign_id, payload, attempt, owner,
+           lease_end, now(), now()
+      FROM input
+    ON CONFLICT (message_id) DO NOTHING
+    RETURNING message_id
+),
+-- Rows that existed before this statement (this statement's own inserts are
+-- not visible here), locked, with the verdict for each copy.
+existing AS (
+    SELECT i.idx, i.message_id, i.attempt, i.owner, i.lease_end,
+           m.status, m.attempts, m.claimed_until, COALESCE(m.sending_at, m.updated_at) AS began,
+           CASE
+               WHEN m.status IN ('sent', 'delivered', 'read', 'cancelled', 'expired')
+                   THEN 'duplicate'
+               WHEN m.attempts > i.attempt OR (m.attempts = i.attempt AND m.status <> 'sending')
+                   THEN 'stale'
+               WHEN m.status = 'sending' AND m.attempts = i.attempt
+                    AND m.claimed_until > clock_timestamp()
+                   THEN 'held'
+               WHEN m.status = 'sending' AND m.attempts = i.attempt
+                   THEN 'reclaimed'
+               ELSE 'claimed'
+           END AS verdict
+      FROM input i
+      JOIN messages m ON m.message_id = i.message_id
+       FOR UPDATE OF m
+),
+abandoned AS (
+    INSERT INTO delivery_attempts (message_id, attempt, started_at, outcome, error_text)
+    SELECT message_id, attempts, began, 'abandoned',
+           'consumer stopped before recording the outcome'
+      FROM existing
+     WHERE verdict IN ('claimed', 'reclaimed') AND status = 'sending'
+),
+claimed AS (
     UPDATE messages m
-       SET status = 'sending', attempts = p_attempt, claimed_by = p_owner,
-           claimed_until = lease_end, sending_at = now(), updated_at = now(),
+       SET status = 'sending', attempts = e.attempt, claimed_by = e.owner,
+           claimed_until = e.lease_end, sending_at = now(), updated_at = now(),
            next_attempt_at = NULL
-     WHERE m.message_id = p_message_id;
-
-    RETURN QUERY SELECT
-        (CASE WHEN r.status = 'sending' AND r.attempts = p_attempt
-              THEN 'reclaimed' ELSE 'claimed' END)::text,
-        'sending'::text, p_attempt, lease_end;
+      FROM existing e
+     WHERE m.message_id = e.message_id AND e.verdict IN ('claimed', 'reclaimed')
+)
+SELECT i.idx,
+       CASE WHEN ins.message_id IS NOT NULL THEN 'claimed' ELSE COALESCE(e.verdict, 'held') END,
+       CASE WHEN ins.message_id IS NOT NULL OR e.verdict IN ('claimed', 'reclaimed')
+            THEN 'sending' ELSE e.status END,
+       CASE WHEN ins.message_id IS NOT NULL OR e.verdict IN ('claimed', 'reclaimed')
+            THEN i.attempt ELSE e.attempts END,
+       CASE WHEN ins.message_id IS NOT NULL OR e.verdict IN ('claimed', 'reclaimed')
+            THEN i.lease_end ELSE e.claimed_until END
+  FROM input i
+  LEFT JOIN inserted ins ON ins.message_id = i.message_id
+  LEFT JOIN existing e ON e.idx = i.idx
+ ORDER BY i.idx;
 END;
 $$;
 
--- Record the outcome of attempt p_attempt (one round trip, one transaction).
--- p_outcome: sent | retrying | failed | paused. A status that a provider
--- event already moved past 'sent' is never moved back.
-CREATE FUNCTION herald_record(
-    p_message_id text, p_attempt integer, p_outcome text, p_started_at timestamptz,
-    p_latency_ms double precision, p_provider text, p_provider_message_id text,
-    p_error_type text, p_error_code text, p_error_text text, p_next_attempt_at timestamptz
-) RETURNS text
-LANGUAGE plpgsql AS $$
-DECLARE
-    new_status text;
+-- Record the outcomes of a batch of attempts (distinct message_ids), one
+-- transaction. outcome: sent | retrying | failed | paused (provider-wide, not
+-- charged to the message). A status that a provider event already moved past
+-- 'sent' is never moved back. Returns each message's status afterwards.
+CREATE FUNCTION herald_record_batch(p_items jsonb)
+RETURNS TABLE (idx integer, status text)
+LANGUAGE plpgsql
+SET enable_seqscan = off
+AS $$
+#variable_conflict use_column
 BEGIN
+RETURN QUERY
+WITH input AS (
+    SELECT x.*, CASE x.outcome WHEN 'paused' THEN 'retrying' ELSE x.outcome END AS new_status
+      FROM jsonb_to_recordset(p_items) AS x(
+           idx integer, message_id text, attempt integer, outcome text,
+           started_at timestamptz, latency_ms double precision, provider text,
+           provider_message_id text, error_type text, error_code text, error_text text,
+           next_attempt_at timestamptz)
+),
+recorded AS (
     INSERT INTO delivery_attempts (message_id, attempt, started_at, outcome, error_type,
                                    error_code, error_text, latency_ms, provider_message_id)
-    VALUES (p_message_id, p_attempt, p_started_at, p_outcome, p_error_type, p_error_code,
-            p_error_text, p_latency_ms, p_provider_message_id);
-
-    new_status := CASE p_outcome WHEN 'paused' THEN 'retrying' ELSE p_outcome END;
-
+    SELECT message_id, attempt, started_at, outcome, error_type, error_code, error_text,
+           latency_ms, provider_message_id
+      FROM input
+),
+updated AS (
     UPDATE messages m SET
-        status = CASE WHEN m.status IN ('delivered', 'read') THEN m.status ELSE new_status END,
-        -- a provider-wide failure is not charged to the message
-        attempts = CASE WHEN p_outcome = 'paused' THEN p_attempt - 1 ELSE m.attempts END,
-        provider = COALESCE(p_provider, m.provider),
-        provider_message_id = COALESCE(p_provider_message_id, m.provider_message_id),
-        last_error_type = CASE WHEN p_outcome = 'sent' THEN m.last_error_type ELSE p_error_type END,
-        last_error_code = CASE WHEN p_outcome = 'sent' THEN m.last_error_code ELSE p_error_code END,
-        last_error = CASE WHEN p_outcome = 'sent' THEN m.last_error ELSE p_error_text END,
+        status = CASE WHEN m.status IN ('delivered', 'read') THEN m.status
+                      ELSE i.new_status END,
+        attempts = CASE WHEN i.outcome = 'paused' THEN i.attempt - 1 ELSE m.attempts END,
+        provider = COALESCE(i.provider, m.provider),
+        provider_message_id = COALESCE(i.provider_message_id, m.provider_message_id),
+        last_error_type = CASE WHEN i.outcome = 'sent' THEN m.last_error_type
+                               ELSE i.error_type END,
+        last_error_code = CASE WHEN i.outcome = 'sent' THEN m.last_error_code
+                               ELSE i.error_code END,
+        last_error = CASE WHEN i.outcome = 'sent' THEN m.last_error ELSE i.error_text END,
         claimed_by = NULL,
         claimed_until = NULL,
-        next_attempt_at = p_next_attempt_at,
+        next_attempt_at = i.next_attempt_at,
         updated_at = now(),
-        sent_at = CASE WHEN new_status = 'sent' THEN COALESCE(m.sent_at, now()) ELSE m.sent_at END,
-        retrying_at = CASE WHEN new_status = 'retrying' THEN now() ELSE m.retrying_at END,
-        failed_at = CASE WHEN new_status = 'failed' THEN now() ELSE m.failed_at END
-    WHERE m.message_id = p_message_id
-    RETURNING m.status INTO new_status;
-    RETURN new_status;
+        sent_at = CASE WHEN i.new_status = 'sent' THEN COALESCE(m.sent_at, now())
+                       ELSE m.sent_at END,
+        retrying_at = CASE WHEN i.new_status = 'retrying' THEN now() ELSE m.retrying_at END,
+        failed_at = CASE WHEN i.new_status = 'failed' THEN now() ELSE m.failed_at END
+      FROM input i
+     WHERE m.message_id = i.message_id
+    RETURNING m.message_id, m.status
+)
+SELECT i.idx, u.status FROM input i LEFT JOIN updated u ON u.message_id = i.message_id
+ ORDER BY i.idx;
 END;
 $$;
