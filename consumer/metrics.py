@@ -71,3 +71,52 @@ DB_BATCH_SECONDS = Histogram(
     ["kind"],
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
 )
+
+# -- channel state, retries, latency (pipeline and worker) --------------------------
+CHANNEL_PAUSED = Gauge(
+    "herald_channel_paused",
+    "1 while a channel's consumer is paused (provider-wide error, open breaker)",
+    ["channel", "reason"],
+)
+RETRIES_BY_ATTEMPT = Counter(
+    "herald_retries_by_attempt_total",
+    "Retries scheduled, by the number of the attempt that failed (10 means 10 or more)",
+    ["channel", "attempt"],
+)
+END_TO_END = Histogram(
+    "herald_end_to_end_seconds",
+    "From publish (the message's AMQP timestamp) to recorded as sent",
+    ["channel"],
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, 14400),
+)
+
+# -- broker state (consumer.observe) -------------------------------------------------
+QUEUE_MESSAGES = Gauge(
+    "herald_queue_messages", "Messages ready in a Herald queue", ["queue"]
+)
+QUEUE_CONSUMERS = Gauge(
+    "herald_queue_consumers", "Consumers attached to a Herald queue", ["queue"]
+)
+
+# -- provider status webhooks (consumer.webhooks, consumer.events) ----------------
+WEBHOOK_EVENTS = Counter(
+    "herald_webhook_events_total",
+    "Provider status events accepted by the webhook receiver",
+    ["provider", "status"],
+)
+WEBHOOK_SIGNATURE_FAILURES = Counter(
+    "herald_webhook_signature_failures_total",
+    "Webhook requests refused (403) for a bad or missing signature",
+    ["provider"],
+)
+EVENTS_APPLIED = Counter(
+    "herald_events_applied_total",
+    "Provider events applied to messages by the events consumer",
+    ["provider", "status", "result"],
+)
+
+# -- operator actions (consumer.parked) ------------------------------------------------
+REPLAYED = Counter(
+    "herald_replayed_total", "Parked messages replayed to the send exchange",
+    ["channel", "error_type"],
+)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -47,6 +48,7 @@ HEADER_LAST_ERROR = "x-herald-last-error"
 HEADER_PARKED_AT = "x-herald-parked-at"
 HEADER_CHANNEL = "x-herald-channel"
 HEADER_MESSAGE_ID = "x-herald-message-id"
+HEADER_PARKED_ID = "x-herald-parked-id"
 
 # A message whose body is larger than this is parked without being parsed.
 MAX_BODY_BYTES = 256 * 1024
@@ -337,7 +339,8 @@ class Pipeline:
     ) -> Outcome:
         await self._publish_parked(
             message.body, request.channel, request.message_id, attempt, error,
-            content_type=message.content_type,
+            content_type=message.content_type, recipient=request.to,
+            campaign_id=request.campaign_id,
         )
         await self._infra(
             "database",
@@ -358,7 +361,7 @@ class Pipeline:
         error = DeliveryError(ErrorType.INVALID_PAYLOAD, problem, retryable=False)
         await self._publish_parked(
             message.body, channel, message.message_id, attempt, error,
-            content_type=message.content_type,
+            content_type=message.content_type, recipient=None, campaign_id=None,
         )
         log.warning("delivery.parked", error_type=ErrorType.INVALID_PAYLOAD.value,
                     error=problem[:200], bytes=len(message.body))
@@ -372,13 +375,18 @@ class Pipeline:
         error: DeliveryError,
         *,
         content_type: str | None,
+        recipient: str | None,
+        campaign_id: str | None,
     ) -> None:
-        """Park the original bytes with the reason in headers, then post a notice."""
+        """Park the original bytes with the reason in headers, index the parked
+        copy for operators, then post a notice."""
         parked_at = self.now()
+        parked_id = uuid.uuid4()
         headers = _error_headers(error) | {
             HEADER_ATTEMPT: attempt,
             HEADER_PARKED_AT: parked_at.isoformat(),
             HEADER_CHANNEL: channel,
+            HEADER_PARKED_ID: str(parked_id),
         }
         if message_id:
             headers[HEADER_MESSAGE_ID] = message_id
@@ -390,8 +398,19 @@ class Pipeline:
                 content_type=content_type,
             ),
         )
+        await self._infra(
+            "database",
+            lambda: self.store.record_parked(
+                parked_id=parked_id, message_id=message_id, channel=channel,
+                recipient=recipient, campaign_id=campaign_id, attempts=attempt,
+                error_type=error.error_type.value, error_code=error.code,
+                last_error=error.message, parked_at=parked_at, body=body,
+                headers={k: v for k, v in headers.items() if isinstance(v, str | int)},
+            ),
+        )
         notice = json.dumps(
             {
+                "parked_id": str(parked_id),
                 "message_id": message_id,
                 "channel": channel,
                 "error_type": error.error_type.value,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -230,6 +231,23 @@ class Store:
             campaign_id,
             payload,
             due_at,
+        )
+
+    async def record_parked(
+        self, *, parked_id: uuid.UUID, message_id: str | None, channel: str,
+        recipient: str | None, campaign_id: str | None, attempts: int, error_type: str,
+        error_code: str | None, last_error: str, parked_at: datetime, body: bytes,
+        headers: dict[str, Any],
+    ) -> None:
+        """Index a parked copy (already confirmed by the broker) for operators."""
+        await self.pool.execute(
+            """INSERT INTO parked_messages (parked_id, message_id, channel, recipient,
+                   campaign_id, attempts, error_type, error_code, last_error, parked_at,
+                   body, headers)
+               VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
+               ON CONFLICT (parked_id) DO NOTHING""",
+            parked_id, message_id, channel, recipient, campaign_id, attempts, error_type,
+            error_code, last_error[:2000], parked_at, body, headers,
         )
 
     async def campaign(self, campaign_id: str) -> Campaign | None:

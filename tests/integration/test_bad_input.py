@@ -55,6 +55,10 @@ async def test_malformed_bodies_are_parked_with_their_bytes(
     # Nothing that failed validation reached the provider or the messages table.
     assert set(sandbox.sandbox.accepted_counts()) == {"good-1"}
     assert await db.fetchval("SELECT count(*) FROM messages") == 1
+    # The parking lot's index holds each bad body byte for byte.
+    indexed = await db.fetch("SELECT body, error_type, message_id FROM parked_messages")
+    assert {bytes(r["body"]) for r in indexed} == set(bad.values())
+    assert {r["error_type"] for r in indexed} == {"invalid_payload"}
 
 
 async def test_expired_message_is_not_sent(

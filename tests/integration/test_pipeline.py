@@ -93,6 +93,12 @@ async def test_thousand_messages_with_transient_and_permanent_failures(
         assert "x-herald-parked-at" in headers and headers["x-herald-last-error"]
         parked_ids.add(json.loads(message.body)["message_id"])
     assert parked_ids == permanent
+    # ...and indexed for operators, with the same parked id as the queue copy.
+    rows = await db.fetch("SELECT parked_id::text, message_id, error_type, attempts, body "
+                          "FROM parked_messages")
+    assert {r["message_id"] for r in rows} == permanent
+    assert {r["parked_id"] for r in rows} == {m.headers["x-herald-parked-id"] for m in parked}
+    assert all(r["error_type"] == "invalid_request" and r["attempts"] == 1 for r in rows)
     assert await queue_depth(amqp, names.send_queue("http")) == 0
 
 
