@@ -30,6 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the service: consumers, webhooks, admin, metrics")
     run.add_argument("--channels", help="comma-separated channels to consume (default: all "
                      "channels with credentials)")
+    run.add_argument("--roles", default="senders,events,gateway",
+                     help="comma-separated roles: senders (channel consumers), events (status "
+                          "updates), gateway (webhooks and admin API); default all")
 
     sub.add_parser("migrate", help="apply pending database migrations")
 

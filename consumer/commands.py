@@ -48,6 +48,7 @@ async def dispatch(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
+    from consumer.components import ROLES
     from consumer.service import NotMigrated, run
 
     channels = None
@@ -56,8 +57,13 @@ async def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
         unknown = [c for c in channels if c not in ("http", "sms", "whatsapp", "messenger")]
         if unknown:
             raise ConfigError(f"--channels: unknown channel {unknown[0]!r}")
+    roles = tuple(r.strip() for r in args.roles.split(",") if r.strip())
+    unknown_roles = [r for r in roles if r not in ROLES]
+    if unknown_roles or not roles:
+        raise ConfigError(f"--roles: unknown role {unknown_roles[0]!r}" if unknown_roles
+                          else "--roles: name at least one role")
     try:
-        await run(settings, channels=channels)
+        await run(settings, channels=channels, roles=roles)
     except NotMigrated as exc:
         print(f"herald: {exc}", file=sys.stderr)
         return 1

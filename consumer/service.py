@@ -15,6 +15,7 @@ import structlog
 from aio_pika.abc import AbstractRobustConnection
 from aiohttp import web
 
+from consumer.components import ROLES, Component, add_routes, build_components
 from consumer.errors import DeliveryError
 from consumer.migrate import discover
 from consumer.pipeline import LEASE_MARGIN_S, Pipeline
@@ -62,10 +63,12 @@ def build_providers(
 
 class Service:
     def __init__(self, settings: Settings, *, channels: tuple[str, ...] | None = None,
-                 serve_http: bool = True) -> None:
+                 serve_http: bool = True, roles: tuple[str, ...] = ROLES) -> None:
         self.settings = settings
         self.names = Names(settings.prefix)
         self.only_channels = channels
+        self.roles = roles
+        self.components: list[Component] = []
         self.serve_http = serve_http
         self.instance_id = f"{uuid.uuid4().hex[:12]}"
         self.stopping = asyncio.Event()
@@ -105,14 +108,22 @@ class Service:
         )
         active = [c for c in CHANNELS if c in self.providers
                   and (self.only_channels is None or c in self.only_channels)]
+        if "senders" not in self.roles:
+            active = []
         for channel in active:
             consumer = ChannelConsumer(self.connection, self.names, channel, self.pipeline,
                                        s.prefetch)
             await consumer.start()
             self.consumers[channel] = consumer
+        self.components = build_components(self)
+        for component in self.components:
+            await component.start()
         if self.serve_http:
-            self.runner = await start_site(create_app(self.readiness), s.http_host, s.http_port)
-        log.info("service.started", active_channels=active, inactive_channels=self.inactive,
+            app = create_app(self.readiness)
+            add_routes(app, self)
+            self.runner = await start_site(app, s.http_host, s.http_port)
+        log.info("service.started", roles=list(self.roles), active_channels=active,
+                 inactive_channels=self.inactive,
                  prefix=s.prefix, instance=self.instance_id, http_port=s.http_port
                  if self.serve_http else None)
 
@@ -122,9 +133,10 @@ class Service:
                     error_type=error.error_type.value, error_code=error.code)
 
     async def readiness(self) -> dict[str, bool]:
-        checks = {"broker": bool(self.connection and not self.connection.is_closed),
-                  "consumers": bool(self.consumers) and all(
-                      c.active for c in self.consumers.values())}
+        checks = {"broker": bool(self.connection and not self.connection.is_closed)}
+        if "senders" in self.roles:
+            checks["consumers"] = bool(self.consumers) and all(
+                c.active for c in self.consumers.values())
         db_ok = False
         if self.store is not None:
             try:
@@ -148,6 +160,11 @@ class Service:
         for consumer in self.consumers.values():
             left += await consumer.drain(1.0)
             await consumer.close()
+        for component in reversed(self.components):
+            try:
+                await component.stop()
+            except Exception as exc:
+                log.warning("component.stop_failed", component=component.name, error=repr(exc))
         if self.runner is not None:
             await self.runner.cleanup()
         for provider in self.providers.values():
@@ -168,8 +185,9 @@ class Service:
         log.info("service.stopped", requeued=left)
 
 
-async def run(settings: Settings, *, channels: tuple[str, ...] | None = None) -> None:
-    service = Service(settings, channels=channels)
+async def run(settings: Settings, *, channels: tuple[str, ...] | None = None,
+              roles: tuple[str, ...] = ROLES) -> None:
+    service = Service(settings, channels=channels, roles=roles)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

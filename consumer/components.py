@@ -1,0 +1,44 @@
+"""The parts of ``herald run`` beyond the channel consumers, by role.
+
+Roles (``herald run --roles``) let operators scale parts apart:
+
+- ``senders``: the channel consumers (delivery pipeline);
+- ``events``: the consumer of ``{prefix}.events`` (provider status updates);
+- ``gateway``: the HTTP routes providers and people call (webhooks, admin API).
+
+Every role serves ``/metrics``, ``/healthz`` and ``/readyz``. Each feature adds
+its background components to :func:`build_components` and its HTTP routes to
+:func:`add_routes`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Protocol
+
+from aiohttp import web
+
+if TYPE_CHECKING:
+    from consumer.service import Service
+
+ROLES: tuple[str, ...] = ("senders", "events", "gateway")
+
+
+class Component(Protocol):
+    """A background part of the service, started after the consumers and stopped before."""
+
+    name: str
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+def build_components(service: Service) -> list[Component]:
+    """The background components for the service's roles."""
+    components: list[Component] = []
+    return components
+
+
+def add_routes(app: web.Application, service: Service) -> None:
+    """HTTP routes for the service's roles (besides metrics and health)."""
+    return None
