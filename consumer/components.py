@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Protocol
 
 from aiohttp import web
 
+from consumer.observe import Observer
+
 if TYPE_CHECKING:
     from consumer.service import Service
 
@@ -36,6 +38,8 @@ class Component(Protocol):
 def build_components(service: Service) -> list[Component]:
     """The background components for the service's roles."""
     components: list[Component] = []
+    if "gateway" in service.roles and service.connection is not None:
+        components.append(Observer(service.connection, service.names, service.pool))
     return components
 
 

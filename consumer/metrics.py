@@ -97,6 +97,12 @@ QUEUE_MESSAGES = Gauge(
 QUEUE_CONSUMERS = Gauge(
     "herald_queue_consumers", "Consumers attached to a Herald queue", ["queue"]
 )
+BACKLOG_OLDEST = Gauge(
+    "herald_backlog_oldest_seconds",
+    "How long the most overdue known message (a retry or send_at deferral whose"
+    " next_attempt_at has passed) has waited for its attempt; see consumer/observe.py",
+    ["channel"],
+)
 
 # -- provider status webhooks (consumer.webhooks, consumer.events) ----------------
 WEBHOOK_EVENTS = Counter(
