@@ -23,7 +23,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import structlog
 from aio_pika.abc import AbstractIncomingMessage
@@ -34,6 +34,7 @@ from consumer.backoff import RetryPolicy, retry_delay, should_retry
 from consumer.errors import DeliveryError, ErrorType
 from consumer.providers.base import Provider
 from consumer.publisher import HEADER_ATTEMPT, HEADER_DUE_AT, Publisher
+from consumer.recipients import validate_recipient
 from consumer.settings import Settings
 from consumer.store import Store, is_transient_db_error, resolve_policy
 from schemas import SendRequest
@@ -49,14 +50,28 @@ HEADER_PARKED_AT = "x-herald-parked-at"
 HEADER_CHANNEL = "x-herald-channel"
 HEADER_MESSAGE_ID = "x-herald-message-id"
 HEADER_PARKED_ID = "x-herald-parked-id"
+# Attempts numbered up to this one were used before a replay with a fresh budget.
+HEADER_ATTEMPT_BASE = "x-herald-attempt-base"
+# When Herald first saw the message (epoch seconds), kept across retries.
+HEADER_FIRST_SEEN = "x-herald-first-seen"
 
 # A message whose body is larger than this is parked without being parsed.
 MAX_BODY_BYTES = 256 * 1024
 # Extra lease beyond the send timeout, so a live consumer's claim never runs out
 # while it is still waiting for the provider.
 LEASE_MARGIN_S = 5.0
-# How long a provider-wide failure (expired token) keeps a message away.
-PROVIDER_WIDE_COOLDOWN_S = 30
+
+
+class ChannelHooks(Protocol):
+    """What the pipeline tells the channel consumers (see consumer.pause)."""
+
+    def provider_wide(self, channel: str, error: DeliveryError) -> float:
+        """The provider failed for everyone: pause; returns seconds until the next probe."""
+        ...
+
+    def sent(self, channel: str) -> None:
+        """A send succeeded (ends a probe)."""
+        ...
 
 
 class Stopping(Exception):
@@ -84,7 +99,7 @@ class Pipeline:
         instance_id: str,
         stopping: asyncio.Event,
         now: Callable[[], datetime] = lambda: datetime.now(UTC),
-        on_provider_wide: Callable[[str, DeliveryError], None] | None = None,
+        hooks: ChannelHooks | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
@@ -93,7 +108,7 @@ class Pipeline:
         self.instance_id = instance_id
         self.stopping = stopping
         self.now = now
-        self.on_provider_wide = on_provider_wide
+        self.hooks = hooks
         self.lease_s = settings.send_timeout_s + LEASE_MARGIN_S
 
     # -- the one place that acks ------------------------------------------------
@@ -117,6 +132,8 @@ class Pipeline:
 
     async def _handle(self, message: AbstractIncomingMessage, channel: str) -> Outcome:
         headers = dict(message.headers or {})
+        if HEADER_FIRST_SEEN not in headers:
+            headers[HEADER_FIRST_SEEN] = _published_at(message)
         attempt = _int_header(headers.get(HEADER_ATTEMPT), 1)
         request, problem = _decode(message.body, channel)
         if request is None:
@@ -145,6 +162,7 @@ class Pipeline:
                     message_id=request.message_id, channel=channel, recipient=request.to,
                     campaign_id=request.campaign_id, payload=_payload(request),
                 ),
+                before_send=True,
             )
             metrics.EXPIRED.labels(channel).inc()
             log.info("delivery.expired", to=request.to)
@@ -163,27 +181,34 @@ class Pipeline:
         provider = self.providers[channel]
         started = self.now()
         t0 = time.perf_counter()
-        error: DeliveryError | None = None
         provider_message_id: str | None = None
-        try:
-            async with asyncio.timeout(self.settings.send_timeout_s):
-                result = await provider.send(request, attempt)
-            provider_message_id = result.provider_message_id
-        except DeliveryError as exc:
-            error = exc
-        except TimeoutError:
-            error = DeliveryError(
-                ErrorType.PROVIDER_ERROR,
-                f"no answer within {self.settings.send_timeout_s:g} s",
-                code="timeout",
-                retryable=True,
-            )
-        except Exception as exc:  # an adapter bug must not take the consumer down
-            log.exception("delivery.adapter_error", provider=provider.name)
-            error = DeliveryError(ErrorType.OTHER, f"{type(exc).__name__}: {exc}", retryable=False)
-        latency = time.perf_counter() - t0
-        metrics.PROVIDER_LATENCY.labels(channel, provider.name).observe(latency)
-        latency_ms = latency * 1000.0
+        problem = validate_recipient(channel, request.to)
+        if problem is not None:
+            # Not worth a call: the provider would refuse it (and might charge for it).
+            error: DeliveryError | None = DeliveryError(
+                ErrorType.INVALID_RECIPIENT, problem, code="recipient", retryable=False)
+        else:
+            error = None
+            try:
+                async with asyncio.timeout(self.settings.send_timeout_s):
+                    result = await provider.send(request, attempt)
+                provider_message_id = result.provider_message_id
+            except DeliveryError as exc:
+                error = exc
+            except TimeoutError:
+                error = DeliveryError(
+                    ErrorType.PROVIDER_ERROR,
+                    f"no answer within {self.settings.send_timeout_s:g} s",
+                    code="timeout",
+                    retryable=True,
+                )
+            except Exception as exc:  # an adapter bug must not take the consumer down
+                log.exception("delivery.adapter_error", provider=provider.name)
+                error = DeliveryError(ErrorType.OTHER, f"{type(exc).__name__}: {exc}",
+                                      retryable=False)
+            metrics.PROVIDER_LATENCY.labels(channel, provider.name).observe(
+                time.perf_counter() - t0)
+        latency_ms = (time.perf_counter() - t0) * 1000.0
 
         if error is None:
             await self._infra(
@@ -196,17 +221,24 @@ class Pipeline:
             )
             metrics.SENT.labels(channel).inc()
             metrics.ATTEMPTS.labels(channel, provider.name, "sent", "").inc()
+            first_seen = _float_header(headers.get(HEADER_FIRST_SEEN))
+            if first_seen is not None:
+                metrics.END_TO_END.labels(channel).observe(max(0.0, time.time() - first_seen))
+            if self.hooks is not None:
+                self.hooks.sent(channel)
             log.info("delivery.sent", provider_message_id=provider_message_id,
                      latency_ms=round(latency_ms, 1))
             return Outcome("sent", request.message_id, attempt)
 
         metrics.ATTEMPTS.labels(channel, provider.name, "failed", error.error_type.value).inc()
         if error.provider_wide:
-            return await self._pause(message, request, attempt, error, started, latency_ms,
-                                     provider.name)
-        if should_retry(attempt, policy, error.retryable):
-            return await self._retry(message, request, attempt, error, policy, started,
+            return await self._pause(message, request, headers, attempt, error, started,
                                      latency_ms, provider.name)
+        # Attempts used since the last replay with a fresh budget (x-herald-attempt-base).
+        used = attempt - _int_header(headers.get(HEADER_ATTEMPT_BASE), 0, minimum=0)
+        if should_retry(max(1, used), policy, error.retryable):
+            return await self._retry(message, request, headers, attempt, error, policy,
+                                     started, latency_ms, provider.name, used)
         return await self._park(message, request, attempt, error, started, latency_ms,
                                 provider.name)
 
@@ -214,7 +246,8 @@ class Pipeline:
         campaign = None
         if request.campaign_id is not None:
             campaign_id = request.campaign_id
-            campaign = await self._infra("database", lambda: self.store.campaign(campaign_id))
+            campaign = await self._infra("database", lambda: self.store.campaign(campaign_id),
+                                         before_send=True)
         spec = request.retry
         return resolve_policy(
             self.settings,
@@ -236,6 +269,7 @@ class Pipeline:
                     payload_json=body.decode("utf-8"), attempt=attempt, owner=self.instance_id,
                     lease_s=self.lease_s,
                 ),
+                before_send=True,
             )
             if claim.outcome == "claimed":
                 return True
@@ -261,15 +295,17 @@ class Pipeline:
         self,
         message: AbstractIncomingMessage,
         request: SendRequest,
+        incoming: dict[str, Any],
         attempt: int,
         error: DeliveryError,
         policy: RetryPolicy,
         started: datetime,
         latency_ms: float,
         provider: str,
+        used: int,
     ) -> Outcome:
-        delay = retry_delay(attempt, policy, retry_after=error.retry_after)
-        headers = _error_headers(error) | {HEADER_ATTEMPT: attempt + 1}
+        delay = retry_delay(max(1, used), policy, retry_after=error.retry_after)
+        headers = _forwarded(incoming) | _error_headers(error) | {HEADER_ATTEMPT: attempt + 1}
         await self._infra(
             "broker",
             lambda: self.publisher.publish_delayed(
@@ -287,6 +323,7 @@ class Pipeline:
             ),
         )
         metrics.RETRIED.labels(request.channel, error.error_type.value).inc()
+        metrics.RETRIES_BY_ATTEMPT.labels(request.channel, str(min(attempt, 10))).inc()
         log.info("delivery.retry_scheduled", error_type=error.error_type.value,
                  error_code=error.code, delay_s=delay, error=error.message[:200])
         return Outcome("retrying", request.message_id, attempt, error.error_type.value)
@@ -295,15 +332,21 @@ class Pipeline:
         self,
         message: AbstractIncomingMessage,
         request: SendRequest,
+        incoming: dict[str, Any],
         attempt: int,
         error: DeliveryError,
         started: datetime,
         latency_ms: float,
         provider: str,
     ) -> Outcome:
-        """A provider-wide failure: not the message's fault, so not charged an attempt."""
-        delay = max(PROVIDER_WIDE_COOLDOWN_S, int(error.retry_after or 0))
-        headers = _error_headers(error) | {HEADER_ATTEMPT: attempt}
+        """A provider-wide failure: not the message's fault, so not charged an attempt.
+
+        The channel pauses (see consumer.pause); this message goes round the
+        delay levels until about when the channel probes again.
+        """
+        wait_s = self.hooks.provider_wide(request.channel, error) if self.hooks else 0.0
+        delay = max(1, int(wait_s + 0.999), int(error.retry_after or 0))
+        headers = _forwarded(incoming) | _error_headers(error) | {HEADER_ATTEMPT: attempt}
         await self._infra(
             "broker",
             lambda: self.publisher.publish_delayed(
@@ -323,8 +366,6 @@ class Pipeline:
         metrics.DEFERRED.labels(request.channel, "provider_wide").inc()
         log.warning("delivery.provider_wide_failure", error_type=error.error_type.value,
                     error_code=error.code, delay_s=delay)
-        if self.on_provider_wide is not None:
-            self.on_provider_wide(request.channel, error)
         return Outcome("paused", request.message_id, attempt, error.error_type.value)
 
     async def _park(
@@ -456,6 +497,7 @@ class Pipeline:
                     message_id=request.message_id, channel=request.channel, recipient=request.to,
                     campaign_id=request.campaign_id, payload=_payload(request), due_at=due_at,
                 ),
+                before_send=True,
             )
         metrics.DEFERRED.labels(request.channel, reason).inc()
         log.info("delivery.deferred", reason=reason, delay_s=delay)
@@ -463,13 +505,20 @@ class Pipeline:
 
     # -- infrastructure -------------------------------------------------------------
 
-    async def _infra(self, component: str, operation: Callable[[], Awaitable[T]]) -> T:
+    async def _infra(
+        self, component: str, operation: Callable[[], Awaitable[T]], *, before_send: bool = False
+    ) -> T:
         """Run a database or broker operation until it succeeds.
 
         An outage holds the message (unacked, so nothing is lost) and, because
         prefetch bounds what is in flight, stops consumption until the
         service is back. Only stopping the service gives up, leaving the
         message for redelivery.
+
+        Before the send, an error that is not an outage (a bug, a constraint)
+        is raised: the message goes back to the broker, nothing was sent. After
+        the send, every error is retried: handing the message back would send
+        it again.
         """
         delay = 0.1
         while True:
@@ -478,11 +527,17 @@ class Pipeline:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                if component == "database" and not is_transient_db_error(exc):
+                transient = component == "broker" or is_transient_db_error(exc)
+                if before_send and not transient:
                     raise
                 metrics.INFRA_RETRIES.labels(component).inc()
-                log.warning(f"{component}.unavailable", error=repr(exc)[:300],
-                            retry_in_s=round(delay, 2))
+                if transient:
+                    log.warning(f"{component}.unavailable", error=repr(exc)[:300],
+                                retry_in_s=round(delay, 2))
+                else:
+                    log.error(f"{component}.write_failed", error=repr(exc)[:300],
+                              retry_in_s=round(delay, 2),
+                              note="the message was sent; retrying the record, not the send")
                 if self.stopping.is_set():
                     raise Stopping() from exc
                 await self._sleep(delay)
@@ -546,17 +601,53 @@ def _due_at(headers: Mapping[str, Any], request: SendRequest, attempt: int) -> d
     return None
 
 
-def _int_header(value: object, default: int) -> int:
+def _int_header(value: object, default: int, *, minimum: int = 1) -> int:
     if isinstance(value, bool):
         return default
     if isinstance(value, int):
-        return max(1, value)
+        return max(minimum, value)
     if isinstance(value, bytes | str):
         try:
-            return max(1, int(value))
+            return max(minimum, int(value))
         except ValueError:
             return default
     return default
+
+
+def _published_at(message: AbstractIncomingMessage) -> float:
+    """The publisher's AMQP timestamp (epoch seconds), or now when it set none."""
+    stamp = message.timestamp
+    if isinstance(stamp, datetime):
+        if stamp.tzinfo is None:
+            stamp = stamp.replace(tzinfo=UTC)
+        return stamp.timestamp()
+    return time.time()
+
+
+def _float_header(value: object) -> float | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        return float(value)
+    if isinstance(value, bytes | str):
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    return None
+
+
+# Headers that describe one attempt's failure or a delay trip: never carried over.
+_PER_ATTEMPT = frozenset({HEADER_ERROR_TYPE, HEADER_ERROR_CODE, HEADER_LAST_ERROR,
+                          HEADER_DUE_AT, HEADER_ATTEMPT, "x-death", "x-first-death-exchange",
+                          "x-first-death-queue", "x-first-death-reason",
+                          "x-last-death-exchange", "x-last-death-queue",
+                          "x-last-death-reason", "x-delivery-count"})
+
+
+def _forwarded(incoming: Mapping[str, Any]) -> dict[str, Any]:
+    """The headers a republished copy keeps (publisher's own, attempt base, first seen)."""
+    return {k: v for k, v in incoming.items() if k not in _PER_ATTEMPT}
 
 
 def _error_headers(error: DeliveryError) -> dict[str, Any]:

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import time
 import uuid
 from contextlib import suppress
+from typing import Any
 
 import aio_pika
 import aiohttp
@@ -18,9 +20,13 @@ from aiohttp import web
 from consumer.components import ROLES, Component, add_routes, build_components
 from consumer.errors import DeliveryError
 from consumer.migrate import discover
+from consumer.pause import PauseState
 from consumer.pipeline import LEASE_MARGIN_S, Pipeline
 from consumer.providers.base import Provider
 from consumer.providers.http import HttpProvider
+from consumer.providers.messenger import MessengerProvider
+from consumer.providers.twilio import TwilioProvider
+from consumer.providers.whatsapp import WhatsAppProvider
 from consumer.publisher import Publisher
 from consumer.server import create_app, start_site
 from consumer.settings import Settings
@@ -55,9 +61,15 @@ def build_providers(
     """Adapters for the channels whose credentials are set, and why the others are off."""
     providers: dict[str, Provider] = {"http": HttpProvider(session)}
     inactive: dict[str, str] = {}
-    for channel in CHANNELS:
-        if channel not in providers:
-            inactive[channel] = "no adapter configured"
+    adapters: dict[str, Any] = {
+        "sms": TwilioProvider, "whatsapp": WhatsAppProvider, "messenger": MessengerProvider,
+    }
+    for channel, adapter in adapters.items():
+        missing = adapter.missing(settings)
+        if missing:
+            inactive[channel] = "not configured: " + ", ".join(missing)
+        else:
+            providers[channel] = adapter(settings, session)
     return providers, inactive
 
 
@@ -103,16 +115,17 @@ class Service:
         self.providers, self.inactive = build_providers(s, self.session)
         self.pipeline = Pipeline(
             s, self.store, self.publisher, self.providers,
-            instance_id=self.instance_id, stopping=self.stopping,
-            on_provider_wide=self._on_provider_wide,
+            instance_id=self.instance_id, stopping=self.stopping, hooks=self,
         )
         active = [c for c in CHANNELS if c in self.providers
                   and (self.only_channels is None or c in self.only_channels)]
         if "senders" not in self.roles:
             active = []
         for channel in active:
-            consumer = ChannelConsumer(self.connection, self.names, channel, self.pipeline,
-                                       s.prefetch)
+            consumer = ChannelConsumer(
+                self.connection, self.names, channel, self.pipeline, s.prefetch,
+                PauseState(base_cooldown_s=s.pause_base_s, max_cooldown_s=s.pause_max_s),
+            )
             await consumer.start()
             self.consumers[channel] = consumer
         self.components = build_components(self)
@@ -127,10 +140,19 @@ class Service:
                  prefix=s.prefix, instance=self.instance_id, http_port=s.http_port
                  if self.serve_http else None)
 
-    def _on_provider_wide(self, channel: str, error: DeliveryError) -> None:
-        # Issue #3 turns this into a channel pause; for now it is logged.
-        log.warning("channel.provider_wide_failure", channel=channel,
-                    error_type=error.error_type.value, error_code=error.code)
+    # -- ChannelHooks (called by the pipeline) ----------------------------------------
+
+    def provider_wide(self, channel: str, error: DeliveryError) -> float:
+        consumer = self.consumers.get(channel)
+        if consumer is None:
+            return self.settings.pause_base_s
+        consumer.trip(f"{error.error_type.value}:{error.code or '?'}")
+        return max(consumer.pause.remaining(time.monotonic()), 1.0)
+
+    def sent(self, channel: str) -> None:
+        consumer = self.consumers.get(channel)
+        if consumer is not None:
+            consumer.sent_ok()
 
     async def readiness(self) -> dict[str, bool]:
         checks = {"broker": bool(self.connection and not self.connection.is_closed)}

@@ -108,6 +108,8 @@ class Settings:
     retry_mode: str = _env("HERALD_RETRY_MODE", _choice("auto", "manual"), "auto")
     retry_jitter: float = _env("HERALD_RETRY_JITTER", _float(0, 1), 0.1)
     delivery_limit: int = _env("HERALD_DELIVERY_LIMIT", _int(1, 1000), 20)
+    pause_base_s: float = _env("HERALD_PAUSE_BASE_S", _float(0.1, 3600), 5.0)
+    pause_max_s: float = _env("HERALD_PAUSE_MAX_S", _float(0.1, 86400), 300.0)
     log_level: str = _env(
         "HERALD_LOG_LEVEL", _choice("debug", "info", "warning", "error"), "info"
     )

@@ -33,7 +33,10 @@ _TRANSIENT_SQLSTATE_CLASSES = ("08", "53", "57", "40")
 
 
 def is_transient_db_error(exc: BaseException) -> bool:
-    if isinstance(exc, OSError | asyncpg.InterfaceError | asyncio.TimeoutError):
+    # InternalClientError: asyncpg's protocol state was broken by a connection
+    # that died mid-operation (seen when PostgreSQL restarts).
+    if isinstance(exc, OSError | asyncpg.InterfaceError | asyncpg.InternalClientError
+                  | asyncio.TimeoutError):
         return True
     if isinstance(exc, asyncpg.PostgresError):
         state = getattr(exc, "sqlstate", None) or ""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from typing import Any
 
 import structlog
@@ -22,6 +23,7 @@ from aio_pika.abc import (
 )
 
 from consumer import metrics
+from consumer.pause import Mode, PauseState
 from consumer.pipeline import Pipeline
 from consumer.topology import Names
 
@@ -38,6 +40,7 @@ class ChannelConsumer:
         channel_name: str,
         pipeline: Pipeline,
         prefetch: int,
+        pause: PauseState | None = None,
     ) -> None:
         self.connection = connection
         self.names = names
@@ -49,20 +52,76 @@ class ChannelConsumer:
         self._amqp_channel: AbstractChannel | None = None
         self._queue: AbstractQueue | None = None
         self._consumer_tag: str | None = None
+        self.pause = pause or PauseState()
+        self._resume_task: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[None]] = set()
+        self._stopped = False
+        self._control = asyncio.Lock()
 
     @property
     def active(self) -> bool:
-        return self._consumer_tag is not None
+        """Consuming, or deliberately paused (a paused channel is healthy)."""
+        return self._consumer_tag is not None or self.pause.mode is Mode.PAUSED
 
     async def start(self) -> None:
         self._amqp_channel = await self.connection.channel(publisher_confirms=False)
         await self._amqp_channel.set_qos(prefetch_count=self.prefetch)
-        self._queue = await self._amqp_channel.get_queue(
-            self.names.send_queue(self.channel_name), ensure=False
+        # declare_queue (passive), not get_queue: only queues declared on a robust
+        # channel are re-attached, with their consumer, after a broker restart.
+        self._queue = await self._amqp_channel.declare_queue(
+            self.names.send_queue(self.channel_name), passive=True
         )
+        await self._consume()
+        log.info("consumer.started", channel=self.channel_name, prefetch=self.prefetch)
+
+    async def _consume(self) -> None:
+        assert self._queue is not None
         self._consumer_tag = await self._queue.consume(self._on_message)
         metrics.CONSUMERS_ACTIVE.labels(self.channel_name).set(1)
-        log.info("consumer.started", channel=self.channel_name, prefetch=self.prefetch)
+
+    # -- pausing (see consumer.pause) ------------------------------------------------
+
+    def trip(self, reason: str) -> None:
+        """The provider failed for everyone: stop taking work, probe after a cool-down."""
+        if self._stopped or not self.pause.trip(reason, time.monotonic()):
+            return
+        metrics.CHANNEL_PAUSED.labels(self.channel_name, reason).set(1)
+        log.warning("channel.paused", channel=self.channel_name, reason=reason,
+                    probe_in_s=round(self.pause.cooldown_s, 1), pauses=self.pause.pauses)
+        previous = self._resume_task
+        self._resume_task = asyncio.create_task(self._pause_then_probe(reason, previous))
+
+    async def _pause_then_probe(self, reason: str, previous: asyncio.Task[None] | None) -> None:
+        if previous is not None and not previous.done():
+            previous.cancel()
+        async with self._control:
+            if self._consumer_tag is not None:
+                await self.stop_consuming(final=False)
+        await asyncio.sleep(self.pause.remaining(time.monotonic()))
+        async with self._control:
+            if self._stopped:
+                return
+            # One message at a time until one gets through.
+            self.pause.start_probe()
+            metrics.CHANNEL_PAUSED.labels(self.channel_name, reason).set(0)
+            assert self._amqp_channel is not None
+            await self._amqp_channel.set_qos(prefetch_count=1)
+            await self._consume()
+            log.info("channel.probing", channel=self.channel_name, reason=reason)
+
+    def sent_ok(self) -> None:
+        """A send succeeded: a probing channel resumes at full speed."""
+        if self.pause.mode is Mode.RUNNING or not self.pause.succeeded():
+            return
+        log.info("channel.resumed", channel=self.channel_name)
+        task = asyncio.create_task(self._restore_prefetch())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _restore_prefetch(self) -> None:
+        async with self._control:
+            if self._amqp_channel is not None and not self._amqp_channel.is_closed:
+                await self._amqp_channel.set_qos(prefetch_count=self.prefetch)
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
         # aio-pika already runs each delivery in a task of its own: track that task
@@ -85,7 +144,11 @@ class ChannelConsumer:
             self._in_flight.dec()
             self.tasks.discard(task)
 
-    async def stop_consuming(self) -> None:
+    async def stop_consuming(self, *, final: bool = True) -> None:
+        if final:
+            self._stopped = True
+            if self._resume_task is not None:
+                self._resume_task.cancel()
         if self._queue is not None and self._consumer_tag is not None:
             try:
                 await self._queue.cancel(self._consumer_tag)
