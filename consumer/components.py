@@ -17,7 +17,10 @@ from typing import TYPE_CHECKING, Protocol
 
 from aiohttp import web
 
+from consumer.events import EventsConsumer
 from consumer.observe import Observer
+from consumer.publisher import Publisher
+from consumer.webhooks import WebhookReceiver
 
 if TYPE_CHECKING:
     from consumer.service import Service
@@ -40,9 +43,19 @@ def build_components(service: Service) -> list[Component]:
     components: list[Component] = []
     if "gateway" in service.roles and service.connection is not None:
         components.append(Observer(service.connection, service.names, service.pool))
+    if ("events" in service.roles and service.connection is not None
+            and service.pool is not None and service.store is not None):
+        components.append(EventsConsumer(
+            connection=service.connection, names=service.names, pool=service.pool,
+            store=service.store, settings=service.settings,
+            # The channel pause's hook, where the service has one.
+            on_provider_wide=getattr(service, "provider_wide", None),
+        ))
     return components
 
 
 def add_routes(app: web.Application, service: Service) -> None:
     """HTTP routes for the service's roles (besides metrics and health)."""
-    return None
+    if "gateway" in service.roles and service.connection is not None:
+        publisher = Publisher(service.connection, service.names)
+        WebhookReceiver(service.settings, publisher).add_routes(app)
