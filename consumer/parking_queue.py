@@ -1,0 +1,352 @@
+"""Passes over the parking queue ``{prefix}.parked`` that keep its order.
+
+Replay, reject, purge and sync take messages from the queue, act on some and
+leave the rest parked *where they were*. How rests on what RabbitMQ's quorum
+queues do with unacknowledged messages (pinned by a test against the real
+broker in tests/integration/test_parked.py):
+
+- ``basic.nack``/``basic.reject`` with requeue puts a message at the *tail*
+  (RabbitMQ 3.10), behind messages parked later: never used here;
+- when a channel closes, the messages it held unacked go back to the *head*
+  of the queue in their original order, ahead of everything not yet taken.
+
+So a pass holds the messages it leaves parked unacked, acks the ones it
+handled, and closes its channel at the end. A killed pass (SIGKILL) ends the
+same way: the broker returns every unacked message, nothing is lost.
+
+A channel holds at most ``window`` unacked messages (its prefetch). When
+that many are held the pass opens another channel with its own consumer; at
+the end the channels are closed one after the other, oldest first, so the
+held messages return in queue order. (Only a pass killed while holding more
+than one window may bring them back in a different order across windows.)
+
+Copies the pipeline parked carry ``x-herald-parked-id``. Copies the broker
+dead-lettered (``x-delivery-limit``: a message that kept killing consumers)
+do not; they get an id derived from their body and ``x-death`` so that
+every pass finds the same index row for them (:func:`copy_id`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, TypeAlias
+
+import asyncpg
+import structlog
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractConnection,
+    AbstractIncomingMessage,
+    AbstractQueue,
+)
+from asyncpg.pool import PoolConnectionProxy
+from pydantic import ValidationError
+
+from consumer.topology import Names
+from schemas import SendRequest
+
+log = structlog.get_logger("herald.parking_queue")
+
+HEADER_PARKED_ID = "x-herald-parked-id"
+
+# A connection of its own or one borrowed from a pool.
+Conn: TypeAlias = "asyncpg.Connection[asyncpg.Record] | PoolConnectionProxy[asyncpg.Record]"
+# Namespace of the ids given to copies the broker parked by itself.
+_DEAD_LETTER_NS = uuid.UUID("5a0f7d1e-3c1b-4e52-9a55-6c8f0b7e2d41")
+
+
+class LotBusy(Exception):
+    """Another replay, reject, purge or sync is working on this parking lot."""
+
+
+@contextlib.asynccontextmanager
+async def lot_lock(pool: asyncpg.Pool, prefix: str) -> AsyncIterator[None]:
+    """One pass at a time per parking lot: a second would not see the messages
+    the first holds. A session advisory lock dies with its connection, so a
+    killed pass never leaves the lot locked."""
+    async with pool.acquire() as conn:
+        key = f"herald.parked:{prefix}"
+        if not await conn.fetchval("SELECT pg_try_advisory_lock(hashtext($1))", key):
+            raise LotBusy("another replay, reject, purge or sync is running on this parking lot")
+        try:
+            yield
+        finally:
+            await conn.execute("SELECT pg_advisory_unlock(hashtext($1))", key)
+
+
+def _text(value: object) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return str(value)
+
+
+def _first_death(headers: dict[str, Any]) -> dict[str, Any]:
+    deaths = headers.get("x-death")
+    if isinstance(deaths, list | tuple) and deaths and isinstance(deaths[-1], dict):
+        # x-death lists the most recent death first; the first one is last.
+        return dict(deaths[-1])
+    return {}
+
+
+def copy_id(message: AbstractIncomingMessage) -> tuple[uuid.UUID, bool]:
+    """The parked copy's index id, and whether the pipeline gave it (header)."""
+    headers = dict(message.headers or {})
+    raw = _text(headers.get(HEADER_PARKED_ID))
+    if raw:
+        with contextlib.suppress(ValueError):
+            return uuid.UUID(raw), True
+    death = _first_death(headers)
+    material = json.dumps([
+        hashlib.sha256(message.body).hexdigest(), message.message_id,
+        _text(headers.get("x-first-death-queue")), _text(headers.get("x-first-death-reason")),
+        _text(death.get("time")), _text(message.timestamp),
+    ])
+    return uuid.uuid5(_DEAD_LETTER_NS, material), False
+
+
+def jsonable(value: Any) -> Any:
+    """AMQP header values (bytes, datetimes, nested tables) as JSON values."""
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [jsonable(v) for v in value]
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if value is None or isinstance(value, str | int | float | bool):
+        return value
+    return str(value)
+
+
+def index_row(message: AbstractIncomingMessage, parked_id: uuid.UUID,
+              names: Names) -> dict[str, Any]:
+    """An index row for a parked copy that has none, from what the copy carries.
+
+    Herald's own copies say everything in their headers (their row is missing
+    only when the pipeline died between parking and indexing). A copy the
+    broker dead-lettered has its original headers plus ``x-death``: it is
+    indexed as error_type ``other`` with the broker's reason as its code.
+    """
+    headers = dict(message.headers or {})
+    request: SendRequest | None = None
+    with contextlib.suppress(ValidationError, UnicodeDecodeError):
+        request = SendRequest.model_validate_json(message.body)
+    death = _first_death(headers)
+    death_queue = _text(headers.get("x-first-death-queue")) or _text(death.get("queue")) or ""
+    send_prefix = f"{names.prefix}.send."
+    channel = (_text(headers.get("x-herald-channel"))
+               or (request.channel if request else None)
+               or (death_queue[len(send_prefix):] if death_queue.startswith(send_prefix)
+                   else None)
+               or "unknown")
+    attempts = headers.get("x-herald-attempt")
+    parked_at = datetime.now(UTC)
+    if HEADER_PARKED_ID in headers:
+        error_type = _text(headers.get("x-herald-error-type")) or "other"
+        error_code = _text(headers.get("x-herald-error-code")) or None
+        last_error = _text(headers.get("x-herald-last-error")) or ""
+        with contextlib.suppress(TypeError, ValueError):
+            parked_at = datetime.fromisoformat(str(_text(headers.get("x-herald-parked-at"))))
+    else:
+        reason = _text(headers.get("x-first-death-reason")) or _text(death.get("reason"))
+        count = death.get("count")
+        error_type, error_code = "other", reason or "dead_lettered"
+        last_error = (f"dead-lettered by the broker from {death_queue or 'a queue'}"
+                      f" ({reason or 'no reason given'}"
+                      + (f", {count} time(s)" if count else "") + ")"
+                      + (": it kept failing the consumers that took it"
+                         if reason == "delivery_limit" else ""))
+        if isinstance(death.get("time"), datetime):
+            parked_at = death["time"]
+    if parked_at.tzinfo is None:
+        parked_at = parked_at.replace(tzinfo=UTC)
+    return {
+        "parked_id": parked_id,
+        "message_id": (request.message_id if request else None)
+        or _text(headers.get("x-herald-message-id")) or message.message_id,
+        "channel": channel,
+        "recipient": request.to if request else None,
+        "campaign_id": request.campaign_id if request else None,
+        "attempts": attempts if isinstance(attempts, int) and attempts > 0 else 1,
+        "error_type": error_type,
+        "error_code": error_code,
+        "last_error": last_error[:2000],
+        "parked_at": parked_at,
+        "body": message.body,
+        "headers": jsonable(headers),
+    }
+
+
+async def index_missing(conn: Conn, rows: list[dict[str, Any]],
+                        actor: str) -> int:
+    """Index copies found in the queue without a row (see :func:`index_row`);
+    returns how many rows were added."""
+    added = 0
+    for row in rows:
+        inserted = await conn.fetchval(
+            """INSERT INTO parked_messages (parked_id, message_id, channel, recipient,
+                   campaign_id, attempts, error_type, error_code, last_error, parked_at,
+                   body, headers)
+               VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
+               ON CONFLICT (parked_id) DO NOTHING
+               RETURNING parked_id""",
+            row["parked_id"], row["message_id"], row["channel"], row["recipient"],
+            row["campaign_id"], row["attempts"], row["error_type"], row["error_code"],
+            row["last_error"], row["parked_at"], row["body"], row["headers"],
+        )
+        if inserted is not None:
+            added += 1
+            await conn.execute(
+                """INSERT INTO message_actions (message_id, parked_id, action, actor, detail)
+                   VALUES ($1, $2, 'indexed', $3, $4)""",
+                row["message_id"], row["parked_id"], actor,
+                {"error_type": row["error_type"], "error_code": row["error_code"],
+                 "note": "found in the parking queue without an index row"},
+            )
+            log.info("parked.indexed", parked_id=str(row["parked_id"]),
+                     message_id=row["message_id"], error_code=row["error_code"])
+    return added
+
+
+@dataclass
+class Delivery:
+    """A message taken from the parking queue, by the window that holds it."""
+
+    message: AbstractIncomingMessage
+    window: int
+    parked_id: uuid.UUID
+    has_header_id: bool
+
+
+@dataclass
+class _Window:
+    channel: AbstractChannel
+    queue: AbstractQueue
+    tag: str | None
+    unacked: int = 0
+
+
+@dataclass
+class LotPass:
+    """One ordered pass over the parking queue (see the module's docstring).
+
+    Use as an async context manager; :meth:`batch` returns taken messages
+    until every message that was in the queue when the pass began has been
+    seen (or the queue stays silent for ``idle_s``). Each must then be
+    :meth:`ack`-ed (done with) or simply left: leaving it keeps it parked.
+    """
+
+    connection: AbstractConnection
+    names: Names
+    window: int = 2000
+    max_held: int = 200_000
+    idle_s: float = 2.0
+    depth: int = 0
+    seen: int = 0
+    acked: int = 0
+    truncated: bool = False
+    _windows: list[_Window] = field(default_factory=list)
+    _inbox: asyncio.Queue[Delivery] = field(default_factory=asyncio.Queue)
+    _over: bool = False
+
+    async def __aenter__(self) -> LotPass:
+        channel = await self.connection.channel()
+        try:
+            queue = await channel.declare_queue(self.names.parked, passive=True)
+            self.depth = int(queue.declaration_result.message_count or 0)
+        finally:
+            await channel.close()
+        if self.depth > 0:
+            await self._open_window()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    @property
+    def held(self) -> int:
+        return sum(w.unacked for w in self._windows)
+
+    async def _open_window(self) -> None:
+        index = len(self._windows)
+        if self._windows:
+            previous = self._windows[-1]
+            if previous.tag is not None:
+                await previous.queue.cancel(previous.tag)
+                previous.tag = None
+        channel = await self.connection.channel(publisher_confirms=False)
+        await channel.set_qos(prefetch_count=min(self.window, 65535))
+        queue = await channel.get_queue(self.names.parked, ensure=False)
+        window = _Window(channel, queue, None)
+        self._windows.append(window)
+
+        async def deliver(message: AbstractIncomingMessage) -> None:
+            parked_id, has_header = copy_id(message)
+            self._inbox.put_nowait(Delivery(message, index, parked_id, has_header))
+
+        window.tag = await queue.consume(deliver)
+
+    async def batch(self, size: int) -> list[Delivery]:
+        """Up to ``size`` more messages in queue order; [] when the pass is over."""
+        if self._over or not self._windows:
+            return []
+        while True:
+            if self.seen >= self.depth:
+                self._over = True
+                return []
+            current = self._windows[-1]
+            if current.unacked >= self.window and self._inbox.empty():
+                if self.held >= self.max_held:
+                    self.truncated = True
+                    self._over = True
+                    return []
+                await self._open_window()
+            try:
+                first = await asyncio.wait_for(self._inbox.get(), self.idle_s)
+            except TimeoutError:
+                self._over = True
+                return []
+            taken = [first]
+            while len(taken) < size and self.seen + len(taken) < self.depth:
+                try:
+                    taken.append(self._inbox.get_nowait())
+                except asyncio.QueueEmpty:
+                    break
+            for d in taken:
+                self._windows[d.window].unacked += 1
+            self.seen += len(taken)
+            taken.sort(key=lambda d: (d.window, d.message.delivery_tag or 0))
+            return taken
+
+    async def ack(self, delivery: Delivery) -> None:
+        await delivery.message.ack()
+        self._windows[delivery.window].unacked -= 1
+        self.acked += 1
+
+    def stop(self) -> None:
+        """End the pass at the next :meth:`batch` (what is held stays parked)."""
+        self._over = True
+
+    async def close(self) -> None:
+        """Return what is held to the head of the queue, in order: close the
+        windows' channels one after the other, oldest first."""
+        self._over = True
+        for window in self._windows:
+            with contextlib.suppress(Exception):
+                if window.tag is not None:
+                    await window.queue.cancel(window.tag)
+                    window.tag = None
+        for window in self._windows:
+            with contextlib.suppress(Exception):
+                await window.channel.close()
+        self._windows.clear()
