@@ -1,0 +1,42 @@
+# Herald's container image: `docker build -t herald:0.1.0 .` (deploy/compose.yaml
+# builds it). The same image runs every role (`herald run --roles ...`),
+# `herald migrate`, `herald topology declare` and the sandbox.
+#
+# The package is installed in editable mode from /app because migrations are
+# read from sql/ beside the consumer package (consumer/migrate.py), which a
+# regular install into site-packages would leave behind.
+ARG PYTHON_IMAGE=python:3.12.7-slim-bookworm
+
+FROM ${PYTHON_IMAGE} AS build
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1 PYTHONDONTWRITEBYTECODE=1
+RUN python -m venv /opt/herald
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY consumer/ consumer/
+COPY schemas/ schemas/
+COPY sql/ sql/
+RUN /opt/herald/bin/pip install -e . \
+    && /opt/herald/bin/python -m compileall -q consumer schemas
+
+FROM ${PYTHON_IMAGE}
+LABEL org.opencontainers.image.title="herald" \
+      org.opencontainers.image.description="Reliable outbound messaging on RabbitMQ and PostgreSQL"
+RUN groupadd --system --gid 10001 herald \
+    && useradd --system --uid 10001 --gid herald --no-create-home \
+       --home-dir /nonexistent --shell /usr/sbin/nologin herald
+COPY --from=build /opt/herald /opt/herald
+COPY --from=build /app /app
+ENV PATH=/opt/herald/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    HERALD_HTTP_HOST=0.0.0.0 \
+    HERALD_HTTP_PORT=8080
+WORKDIR /app
+# Numeric, so that Kubernetes' runAsNonRoot can verify it.
+USER 10001:10001
+EXPOSE 8080
+# /healthz answers while the event loop runs; readiness (/readyz) is for orchestrators.
+HEALTHCHECK --interval=10s --timeout=3s --start-period=20s --retries=3 \
+    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('HERALD_HTTP_PORT', '8080'), timeout=2)"]
+ENTRYPOINT ["herald"]
+CMD ["run"]
