@@ -28,7 +28,7 @@ from cloudcoil.models.keda import v1alpha1 as keda
 
 from consumer.pipeline import LEASE_MARGIN_S
 from consumer.settings import Settings
-from consumer.topology import Names
+from consumer.topology import Names, Topology
 from schemas.send_request import CHANNELS
 from tests.conftest import REPO
 
@@ -212,8 +212,11 @@ def test_keda_scales_senders_on_every_send_queue() -> None:
     target = scaled["spec"]["scaleTargetRef"]
     assert (target["kind"], target["name"]) == ("Deployment", "herald-senders")
     names = Names(config()["HERALD_PREFIX"])
+    send_queues = {q["name"] for q in Topology(names).queues
+                   if q["name"].startswith(f"{names.prefix}.send.")}
+    assert {names.send_queue(channel) for channel in CHANNELS} <= send_queues
     queues = {t["metadata"]["queueName"] for t in scaled["spec"]["triggers"]}
-    assert queues == {names.send_queue(channel) for channel in CHANNELS}
+    assert queues == send_queues, "keda.yaml needs one trigger per queue the senders consume"
     for trigger in scaled["spec"]["triggers"]:
         assert trigger["type"] == "rabbitmq"
         assert trigger["metadata"]["mode"] == "QueueLength"
