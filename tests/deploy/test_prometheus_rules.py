@@ -17,7 +17,9 @@ from typing import Any
 
 import pytest
 import yaml
+from prometheus_client.metrics import MetricWrapperBase
 
+import consumer.metrics as metrics
 from tests.conftest import REPO
 from tests.deploy.metric_names import exported_metric_names
 
@@ -90,3 +92,18 @@ def test_rules_only_read_metrics_herald_exports() -> None:
         for name in re.findall(r"\b(herald_[a-z0-9_]+|herald:[a-z0-9_:]+)", rule["expr"]):
             known = name in recorded if ":" in name else name in exported
             assert known, f"{rule.get('record') or rule.get('alert')} reads unknown {name}"
+
+
+def test_readme_documents_every_metric() -> None:
+    """Every metric in consumer/metrics.py has a row (name and labels) in the README's table."""
+    readme = (REPO / "README.md").read_text()
+    rows = {line for line in readme.splitlines() if line.startswith("| `herald_")}
+    for value in vars(metrics).values():
+        if not isinstance(value, MetricWrapperBase):
+            continue
+        name = value._name + ("_total" if value._type == "counter" else "")
+        row = next((r for r in rows if f"`{name}`" in r), None)
+        assert row is not None, f"README.md's metrics table has no row for {name}"
+        labels = row.split("|")[2]
+        for label in value._labelnames:
+            assert label in labels, f"README.md: {name} row does not name label {label}"
