@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 from typing import NoReturn
 
 from consumer.errors import ConfigError
+from consumer.ops_cmd import add_parsers as add_operator_parsers
 from consumer.settings import Settings
 
 
@@ -53,6 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
     publish.add_argument("--send-at", help="ISO-8601 time with a zone")
     publish.add_argument("--expires-at", help="ISO-8601 time with a zone")
     publish.add_argument("--quiet", action="store_true", help="no progress output")
+    publish.add_argument("--csv", help="recipients CSV ('to' column): one message per row of"
+                         " --campaign, with --channel and --body-template")
+    publish.add_argument("--body-template", help="body text with {column} fields of --csv")
+
+    add_operator_parsers(sub, _Parser)
 
     sandbox = sub.add_parser("sandbox", help="run local fake providers for demos and tests")
     sandbox.add_argument("--host", default="127.0.0.1")

@@ -15,6 +15,7 @@ import aio_pika
 import asyncpg
 from pydantic import ValidationError
 
+from consumer import ops_cmd
 from consumer.errors import ConfigError
 from consumer.migrate import migrate
 from consumer.publisher import Publisher
@@ -39,6 +40,8 @@ async def dispatch(args: argparse.Namespace, settings: Settings) -> int:
         return 0
     if args.command == "publish":
         return await cmd_publish(args, settings)
+    if args.command in ops_cmd.COMMANDS:
+        return await ops_cmd.dispatch(args, settings)
     if args.command == "sandbox":
         from consumer.sandbox.app import serve
 
@@ -94,6 +97,18 @@ def _jsonl(lines: Iterable[str], source: str) -> Iterator[tuple[int, dict[str, A
 
 
 def _requests_from_args(args: argparse.Namespace) -> Iterator[tuple[int, dict[str, Any]]]:
+    if args.csv:
+        from consumer.campaigns import requests_from_csv
+
+        if args.file or args.body is not None:
+            raise ConfigError("publish: --csv goes with --body-template, not --file or --body")
+        extra: dict[str, Any] = {k: v for k, v in (("send_at", args.send_at),
+                                                   ("expires_at", args.expires_at)) if v}
+        if args.max_attempts is not None:
+            extra["retry"] = {"max_attempts": args.max_attempts}
+        yield from requests_from_csv(args.csv, channel=args.channel, campaign_id=args.campaign,
+                                     template=args.body_template, extra=extra)
+        return
     if args.file:
         if args.file == "-":
             yield from _jsonl(sys.stdin, "-")
@@ -140,7 +155,7 @@ async def cmd_publish(args: argparse.Namespace, settings: Settings) -> int:
         except ValidationError as exc:
             first = exc.errors()[0]
             where = ".".join(str(p) for p in first["loc"]) or "request"
-            source = f"{args.file}:{number}" if args.file else "publish"
+            source = f"{args.file or args.csv}:{number}" if args.file or args.csv else "publish"
             raise ConfigError(f"{source}: {where}: {first['msg']}") from None
     names = Names(settings.prefix)
     connection = await aio_pika.connect_robust(settings.amqp_url)
@@ -160,7 +175,8 @@ async def cmd_publish(args: argparse.Namespace, settings: Settings) -> int:
             ))
             accepted += len(chunk)
             if not args.quiet and sys.stderr.isatty():
-                print(f"\rpublished {accepted}/{total}", end="", file=sys.stderr, flush=True)
+                print(f"\r{ops_cmd.progress_bar(accepted, total)}", end="", file=sys.stderr,
+                      flush=True)
         if not args.quiet and sys.stderr.isatty():
             print(file=sys.stderr)
     print(f"accepted {accepted} message(s) (publisher confirms received)")

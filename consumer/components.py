@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from aiohttp import web
 
+from consumer.admin import add_admin_routes
 from consumer.events import EventsConsumer
 from consumer.observe import Observer
 from consumer.publisher import Publisher
@@ -59,3 +60,5 @@ def add_routes(app: web.Application, service: Service) -> None:
     if "gateway" in service.roles and service.connection is not None:
         publisher = Publisher(service.connection, service.names)
         WebhookReceiver(service.settings, publisher).add_routes(app)
+    if "gateway" in service.roles and service.settings.admin_token and service.pool is not None:
+        add_admin_routes(app, service)

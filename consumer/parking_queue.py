@@ -49,12 +49,20 @@ from aio_pika.abc import (
 from asyncpg.pool import PoolConnectionProxy
 from pydantic import ValidationError
 
+from consumer.pipeline import (
+    HEADER_CHANNEL,
+    HEADER_ERROR_CODE,
+    HEADER_ERROR_TYPE,
+    HEADER_LAST_ERROR,
+    HEADER_MESSAGE_ID,
+    HEADER_PARKED_AT,
+    HEADER_PARKED_ID,
+)
+from consumer.publisher import HEADER_ATTEMPT
 from consumer.topology import Names
 from schemas import SendRequest
 
 log = structlog.get_logger("herald.parking_queue")
-
-HEADER_PARKED_ID = "x-herald-parked-id"
 
 # A connection of its own or one borrowed from a pool.
 Conn: TypeAlias = "asyncpg.Connection[asyncpg.Record] | PoolConnectionProxy[asyncpg.Record]"
@@ -144,19 +152,20 @@ def index_row(message: AbstractIncomingMessage, parked_id: uuid.UUID,
     death = _first_death(headers)
     death_queue = _text(headers.get("x-first-death-queue")) or _text(death.get("queue")) or ""
     send_prefix = f"{names.prefix}.send."
-    channel = (_text(headers.get("x-herald-channel"))
+    channel = (_text(headers.get(HEADER_CHANNEL))
                or (request.channel if request else None)
-               or (death_queue[len(send_prefix):] if death_queue.startswith(send_prefix)
-                   else None)
+               # {prefix}.send.{channel}, or a lane of it ({prefix}.send.{channel}.{lane})
+               or (death_queue[len(send_prefix):].split(".")[0]
+                   if death_queue.startswith(send_prefix) else None)
                or "unknown")
-    attempts = headers.get("x-herald-attempt")
+    attempts = headers.get(HEADER_ATTEMPT)
     parked_at = datetime.now(UTC)
     if HEADER_PARKED_ID in headers:
-        error_type = _text(headers.get("x-herald-error-type")) or "other"
-        error_code = _text(headers.get("x-herald-error-code")) or None
-        last_error = _text(headers.get("x-herald-last-error")) or ""
+        error_type = _text(headers.get(HEADER_ERROR_TYPE)) or "other"
+        error_code = _text(headers.get(HEADER_ERROR_CODE)) or None
+        last_error = _text(headers.get(HEADER_LAST_ERROR)) or ""
         with contextlib.suppress(TypeError, ValueError):
-            parked_at = datetime.fromisoformat(str(_text(headers.get("x-herald-parked-at"))))
+            parked_at = datetime.fromisoformat(str(_text(headers.get(HEADER_PARKED_AT))))
     else:
         reason = _text(headers.get("x-first-death-reason")) or _text(death.get("reason"))
         count = death.get("count")
@@ -173,7 +182,7 @@ def index_row(message: AbstractIncomingMessage, parked_id: uuid.UUID,
     return {
         "parked_id": parked_id,
         "message_id": (request.message_id if request else None)
-        or _text(headers.get("x-herald-message-id")) or message.message_id,
+        or _text(headers.get(HEADER_MESSAGE_ID)) or message.message_id,
         "channel": channel,
         "recipient": request.to if request else None,
         "campaign_id": request.campaign_id if request else None,

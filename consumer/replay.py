@@ -50,14 +50,12 @@ from consumer.parked import (
     rows_for,
 )
 from consumer.parking_queue import Delivery, lot_lock
+from consumer.pipeline import HEADER_ATTEMPT_BASE
 from consumer.publisher import HEADER_ATTEMPT, Publisher
 from schemas import SendRequest
 
 log = structlog.get_logger("herald.replay")
 
-# Attempts made before the replay; the pipeline counts the budget from it:
-# attempts left = max_attempts - (attempt - base).
-HEADER_ATTEMPT_BASE = "x-herald-attempt-base"
 HEADER_REPLAY_OF = "x-herald-replay-of"
 DRY_RUN_ITEMS = 1000
 

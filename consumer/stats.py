@@ -1,0 +1,132 @@
+"""Delivery and retry statistics (``herald stats``, ``GET /admin/stats``).
+
+Read from the views of sql/0004 (failed_deliveries_summary,
+retry_effectiveness, first_attempt_success) and the messages table, for one
+campaign or for everything.
+
+Definitions (all over messages attempted at least once, unless said):
+
+- ``sent_first_attempt``: succeeded (sent, delivered or read) with one attempt;
+- ``needed_retries``: took more than one attempt (whatever the outcome);
+  ``recovered_by_retries``: of those, the ones that succeeded;
+- ``retry_rate`` = needed_retries / attempted;
+- ``average_attempts`` = attempts made / attempted;
+- ``success_rate`` = succeeded / finished (sent, delivered, read, failed,
+  expired, cancelled): messages still on their way do not count yet.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Any
+
+import asyncpg
+
+from consumer.logs import mask_recipient
+from consumer.parked import NotFound
+from consumer.settings import Settings
+from consumer.store import Campaign, Store, resolve_policy
+
+STATUSES = ("queued", "sending", "sent", "delivered", "read", "retrying", "failed",
+            "expired", "cancelled")
+
+
+def _rate(part: int, whole: int) -> float | None:
+    return round(part / whole, 4) if whole else None
+
+
+def retry_config(settings: Settings, campaign: Campaign | None) -> dict[str, Any]:
+    """The retry policy a message of the campaign gets unless it carries its own,
+    and which fields the campaign sets (the rest come from settings)."""
+    policy = resolve_policy(settings, campaign, max_attempts=None, base_delay_s=None,
+                            max_delay_s=None, mode=None)
+    from_campaign = []
+    if campaign is not None:
+        from_campaign = [name for name, value in (
+            ("max_attempts", campaign.max_attempts), ("base_delay_s", campaign.base_delay_s),
+            ("max_delay_s", campaign.max_delay_s), ("mode", campaign.retry_mode))
+            if value is not None]
+    return asdict(policy) | {"from_campaign": from_campaign}
+
+
+async def statistics(pool: asyncpg.Pool, settings: Settings, campaign_id: str | None = None,
+                     *, recent: int = 10) -> dict[str, Any]:
+    """Totals by status, first-attempt and retry figures, failures by
+    error_type, retries by attempt number, the retry configuration in force
+    and the most recent errors."""
+    where, params = ("WHERE campaign_id = $1", [campaign_id]) if campaign_id else ("", [])
+    campaign = await Store(pool).campaign(campaign_id) if campaign_id else None
+    async with pool.acquire() as conn:
+        totals = {r["status"]: int(r["n"]) for r in await conn.fetch(
+            f"SELECT status, count(*) AS n FROM messages {where} GROUP BY status", *params)}
+        if campaign_id and campaign is None and not totals:
+            raise NotFound(f"no campaign {campaign_id!r} (no campaign row and no messages)")
+        first = await conn.fetchrow(
+            f"""SELECT COALESCE(sum(attempted), 0)::bigint AS attempted,
+                       COALESCE(sum(succeeded), 0)::bigint AS succeeded,
+                       COALESCE(sum(sent_first_attempt), 0)::bigint AS sent_first_attempt,
+                       COALESCE(sum(needed_retries), 0)::bigint AS needed_retries,
+                       COALESCE(sum(recovered_by_retries), 0)::bigint AS recovered_by_retries,
+                       COALESCE(sum(finished), 0)::bigint AS finished,
+                       COALESCE(sum(total_attempts), 0)::bigint AS total_attempts
+                  FROM first_attempt_success {where}""", *params)
+        assert first is not None  # an aggregate without GROUP BY returns one row
+        failures = await conn.fetch(
+            f"""SELECT error_type, sum(failed_attempts)::bigint AS failed_attempts,
+                       sum(messages_affected)::bigint AS messages_affected,
+                       sum(messages_failed)::bigint AS messages_failed,
+                       max(last_failure_at) AS last_failure_at
+                  FROM failed_deliveries_summary {where}
+                 GROUP BY error_type ORDER BY sum(failed_attempts) DESC, error_type""",
+            *params)
+        by_attempt = await conn.fetch(
+            f"""SELECT attempt, sum(attempts)::bigint AS attempts, sum(sent)::bigint AS sent,
+                       sum(retried)::bigint AS retried, sum(failed)::bigint AS failed,
+                       sum(paused)::bigint AS paused, sum(abandoned)::bigint AS abandoned
+                  FROM retry_effectiveness {where} GROUP BY attempt ORDER BY attempt""",
+            *params)
+        recent_rows = await conn.fetch(
+            f"""SELECT a.finished_at, a.message_id, a.attempt, a.outcome, a.error_type,
+                       a.error_code, a.error_text, m.recipient, m.campaign_id
+                  FROM delivery_attempts a JOIN messages m ON m.message_id = a.message_id
+                 WHERE a.error_type IS NOT NULL
+                       {"AND m.campaign_id = $1" if campaign_id else ""}
+                 ORDER BY a.finished_at DESC, a.id DESC LIMIT {int(recent)}""", *params)
+        parked = {r["error_type"]: int(r["n"]) for r in await conn.fetch(
+            f"""SELECT error_type, count(*) AS n FROM parked_messages
+                 WHERE state = 'parked' {"AND campaign_id = $1" if campaign_id else ""}
+                 GROUP BY error_type ORDER BY error_type""", *params)}
+    attempted = int(first["attempted"])
+    return {
+        "campaign": campaign_id,
+        "totals": {"all": sum(totals.values())} | {s: totals.get(s, 0) for s in STATUSES},
+        "attempted": attempted,
+        "succeeded": int(first["succeeded"]),
+        "sent_first_attempt": int(first["sent_first_attempt"]),
+        "needed_retries": int(first["needed_retries"]),
+        "recovered_by_retries": int(first["recovered_by_retries"]),
+        "finished": int(first["finished"]),
+        "attempts_made": int(first["total_attempts"]),
+        "first_attempt_success_rate": _rate(int(first["sent_first_attempt"]), attempted),
+        "retry_rate": _rate(int(first["needed_retries"]), attempted),
+        "average_attempts": _rate(int(first["total_attempts"]), attempted),
+        "success_rate": _rate(int(first["succeeded"]), int(first["finished"])),
+        "failures_by_error_type": {
+            r["error_type"]: {
+                "failed_attempts": int(r["failed_attempts"]),
+                "messages_affected": int(r["messages_affected"]),
+                "messages_failed": int(r["messages_failed"]),
+                "last_failure_at": r["last_failure_at"].isoformat(),
+            } for r in failures},
+        "by_attempt": [
+            dict(r) | {"success_rate": _rate(int(r["sent"]), int(r["attempts"]))}
+            for r in by_attempt],
+        "parked_by_error_type": parked,
+        "retry_config": retry_config(settings, campaign),
+        "recent_errors": [
+            {"at": r["finished_at"].isoformat(), "message_id": r["message_id"],
+             "campaign_id": r["campaign_id"], "attempt": r["attempt"], "outcome": r["outcome"],
+             "error_type": r["error_type"], "error_code": r["error_code"],
+             "error": (r["error_text"] or "")[:300], "recipient": mask_recipient(r["recipient"])}
+            for r in recent_rows],
+    }
