@@ -126,3 +126,8 @@ REPLAYED = Counter(
     "herald_replayed_total", "Parked messages replayed to the send exchange",
     ["channel", "error_type"],
 )
+CHANNEL_RATE = Gauge(
+    "herald_channel_rate_limit",
+    "Sends per second a channel is allowed now (adaptive; 0 means unlimited)",
+    ["channel"],
+)

@@ -24,19 +24,21 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol, TypeVar
+from zoneinfo import ZoneInfo
 
 import structlog
 from aio_pika.abc import AbstractIncomingMessage
 from pydantic import ValidationError
 
-from consumer import metrics
+from consumer import metrics, quota
 from consumer.backoff import RetryPolicy, retry_delay, should_retry
 from consumer.errors import DeliveryError, ErrorType
+from consumer.flow import TRANSIENT
 from consumer.providers.base import Provider
 from consumer.publisher import HEADER_ATTEMPT, HEADER_DUE_AT, Publisher
 from consumer.recipients import validate_recipient
 from consumer.settings import Settings
-from consumer.store import Store, is_transient_db_error, resolve_policy
+from consumer.store import Campaign, Store, is_transient_db_error, resolve_policy
 from schemas import SendRequest
 
 log = structlog.get_logger("herald.pipeline")
@@ -70,7 +72,19 @@ class ChannelHooks(Protocol):
         ...
 
     def sent(self, channel: str) -> None:
-        """A send succeeded (ends a probe)."""
+        """A send succeeded (ends a probe, feeds the adaptive rate)."""
+        ...
+
+    async def acquire(self, channel: str, lane: str) -> None:
+        """Wait for the channel's rate limiter to allow one more send."""
+        ...
+
+    def rate_limited(self, channel: str) -> None:
+        """The provider answered rate_limit: slow the channel down."""
+        ...
+
+    def transient_failure(self, channel: str, recipient: str) -> bool:
+        """A provider_error/network failure; True when the channel's breaker is open."""
         ...
 
 
@@ -113,12 +127,14 @@ class Pipeline:
 
     # -- the one place that acks ------------------------------------------------
 
-    async def process(self, message: AbstractIncomingMessage, channel: str) -> Outcome | None:
+    async def process(
+        self, message: AbstractIncomingMessage, channel: str, lane: str = "main"
+    ) -> Outcome | None:
         """Handle one delivery and ack it last. Returns None when left unacked."""
         metrics.CONSUMED.labels(channel).inc()
         try:
             with structlog.contextvars.bound_contextvars(channel=channel):
-                outcome = await self._handle(message, channel)
+                outcome = await self._handle(message, channel, lane)
         except Stopping:
             log.info("delivery.left_for_redelivery", channel=channel)
             return None
@@ -130,7 +146,9 @@ class Pipeline:
 
     # -- steps --------------------------------------------------------------------
 
-    async def _handle(self, message: AbstractIncomingMessage, channel: str) -> Outcome:
+    async def _handle(
+        self, message: AbstractIncomingMessage, channel: str, lane: str
+    ) -> Outcome:
         headers = dict(message.headers or {})
         if HEADER_FIRST_SEEN not in headers:
             headers[HEADER_FIRST_SEEN] = _published_at(message)
@@ -143,7 +161,7 @@ class Pipeline:
         with structlog.contextvars.bound_contextvars(
             message_id=request.message_id, campaign_id=request.campaign_id, attempt=attempt
         ):
-            return await self._handle_request(message, request, headers, attempt)
+            return await self._handle_request(message, request, headers, attempt, lane)
 
     async def _handle_request(
         self,
@@ -151,6 +169,7 @@ class Pipeline:
         request: SendRequest,
         headers: dict[str, Any],
         attempt: int,
+        arrived_on: str,
     ) -> Outcome:
         channel = request.channel
         now = self.now()
@@ -168,11 +187,31 @@ class Pipeline:
             log.info("delivery.expired", to=request.to)
             return Outcome("expired", request.message_id, attempt)
 
+        campaign = await self._campaign(request)
+        lane = lane_of(request, campaign)
         due_at = _due_at(headers, request, attempt)
         if due_at is not None and (due_at - now).total_seconds() >= 1:
-            return await self._defer(message, request, headers, attempt, due_at, "send_at")
+            return await self._defer(message, request, headers, attempt, due_at, "send_at",
+                                     lane)
+        if lane != arrived_on:
+            # Campaign traffic published on the transactional key moves to its lane.
+            return await self._divert(message, request, headers, attempt, lane)
 
-        policy = await self._policy(request)
+        policy = self._resolve(request, campaign)
+        used = attempt - _int_header(headers.get(HEADER_ATTEMPT_BASE), 0, minimum=0)
+        if campaign is not None:
+            window = quota.zone(campaign.timezone)
+            quiet_end = quota.quiet_until(now, window, campaign.quiet_start, campaign.quiet_end)
+            if quiet_end is not None:
+                return await self._defer(message, request, headers, attempt, quiet_end,
+                                         "quiet_hours", lane)
+            if campaign.daily_limit is not None and not await self._take_quota(
+                    campaign, window, now, first=used <= 1):
+                tomorrow = quota.next_day_start(now, window)
+                return await self._defer(message, request, headers, attempt, tomorrow,
+                                         "daily_limit", lane)
+        if self.hooks is not None:
+            await self.hooks.acquire(channel, lane)
         claim = await self._claim(request, message.body, attempt)
         if claim is None:
             metrics.DUPLICATES.labels(channel).inc()
@@ -231,23 +270,32 @@ class Pipeline:
             return Outcome("sent", request.message_id, attempt)
 
         metrics.ATTEMPTS.labels(channel, provider.name, "failed", error.error_type.value).inc()
+        if self.hooks is not None and not error.provider_wide:
+            if error.error_type is ErrorType.RATE_LIMIT:
+                self.hooks.rate_limited(channel)
+            elif error.error_type in TRANSIENT and self.hooks.transient_failure(
+                    channel, request.to):
+                # The breaker is open: an outage, not this message's fault.
+                error.provider_wide = True
+                error.code = error.code or "outage"
         if error.provider_wide:
             return await self._pause(message, request, headers, attempt, error, started,
-                                     latency_ms, provider.name)
+                                     latency_ms, provider.name, lane)
         # Attempts used since the last replay with a fresh budget (x-herald-attempt-base).
-        used = attempt - _int_header(headers.get(HEADER_ATTEMPT_BASE), 0, minimum=0)
         if should_retry(max(1, used), policy, error.retryable):
             return await self._retry(message, request, headers, attempt, error, policy,
-                                     started, latency_ms, provider.name, used)
+                                     started, latency_ms, provider.name, used, lane)
         return await self._park(message, request, attempt, error, started, latency_ms,
                                 provider.name)
 
-    async def _policy(self, request: SendRequest) -> RetryPolicy:
-        campaign = None
-        if request.campaign_id is not None:
-            campaign_id = request.campaign_id
-            campaign = await self._infra("database", lambda: self.store.campaign(campaign_id),
-                                         before_send=True)
+    async def _campaign(self, request: SendRequest) -> Campaign | None:
+        if request.campaign_id is None:
+            return None
+        campaign_id = request.campaign_id
+        return await self._infra("database", lambda: self.store.campaign(campaign_id),
+                                 before_send=True)
+
+    def _resolve(self, request: SendRequest, campaign: Campaign | None) -> RetryPolicy:
         spec = request.retry
         return resolve_policy(
             self.settings,
@@ -257,6 +305,37 @@ class Pipeline:
             max_delay_s=spec.max_delay_s if spec else None,
             mode=spec.mode if spec else None,
         )
+
+    async def _take_quota(
+        self, campaign: Campaign, window: ZoneInfo, now: datetime, *, first: bool
+    ) -> bool:
+        day = quota.local_day(now, window)
+        _, day_end = quota.day_bounds(day, window)
+        limit = campaign.daily_limit or 0
+        return await self._infra(
+            "database",
+            lambda: self.store.take_quota(campaign.campaign_id, day, first=first, limit=limit,
+                                          day_end=day_end),
+            before_send=True,
+        )
+
+    async def _divert(
+        self,
+        message: AbstractIncomingMessage,
+        request: SendRequest,
+        headers: dict[str, Any],
+        attempt: int,
+        lane: str,
+    ) -> Outcome:
+        await self._infra(
+            "broker",
+            lambda: self.publisher.publish_send(
+                request.channel, message.body, headers=headers, message_id=request.message_id,
+                lane=lane,
+            ),
+        )
+        metrics.DEFERRED.labels(request.channel, f"lane_{lane}").inc()
+        return Outcome("diverted", request.message_id, attempt)
 
     async def _claim(self, request: SendRequest, body: bytes, attempt: int) -> bool | None:
         """Claim the attempt; True to send, None when this copy must not be sent."""
@@ -303,6 +382,7 @@ class Pipeline:
         latency_ms: float,
         provider: str,
         used: int,
+        lane: str,
     ) -> Outcome:
         delay = retry_delay(max(1, used), policy, retry_after=error.retry_after)
         headers = _forwarded(incoming) | _error_headers(error) | {HEADER_ATTEMPT: attempt + 1}
@@ -310,7 +390,7 @@ class Pipeline:
             "broker",
             lambda: self.publisher.publish_delayed(
                 request.channel, message.body, delay, headers=headers,
-                message_id=request.message_id,
+                message_id=request.message_id, lane=lane,
             ),
         )
         await self._infra(
@@ -338,6 +418,7 @@ class Pipeline:
         started: datetime,
         latency_ms: float,
         provider: str,
+        lane: str,
     ) -> Outcome:
         """A provider-wide failure: not the message's fault, so not charged an attempt.
 
@@ -351,7 +432,7 @@ class Pipeline:
             "broker",
             lambda: self.publisher.publish_delayed(
                 request.channel, message.body, delay, headers=headers,
-                message_id=request.message_id,
+                message_id=request.message_id, lane=lane,
             ),
         )
         await self._infra(
@@ -479,6 +560,7 @@ class Pipeline:
         attempt: int,
         due_at: datetime,
         reason: str,
+        lane: str,
     ) -> Outcome:
         """Send the message round the delay levels until ``due_at``; no attempt is used."""
         delay = max(1, int((due_at - self.now()).total_seconds() + 0.999))
@@ -487,10 +569,10 @@ class Pipeline:
             "broker",
             lambda: self.publisher.publish_delayed(
                 request.channel, message.body, delay, headers=forwarded,
-                message_id=request.message_id,
+                message_id=request.message_id, lane=lane,
             ),
         )
-        if attempt == 1:
+        if used_first(headers, attempt):
             await self._infra(
                 "database",
                 lambda: self.store.record_scheduled(
@@ -612,6 +694,19 @@ def _int_header(value: object, default: int, *, minimum: int = 1) -> int:
         except ValueError:
             return default
     return default
+
+
+def lane_of(request: SendRequest, campaign: Campaign | None) -> str:
+    """``main`` for transactional messages (no campaign, or priority high), else ``bulk``."""
+    priority = request.priority or (campaign.priority if campaign is not None else None)
+    if request.campaign_id is None or priority == "high":
+        return "main"
+    return "bulk"
+
+
+def used_first(headers: Mapping[str, Any], attempt: int) -> bool:
+    """Whether this copy is a first attempt (counting from the last fresh budget)."""
+    return attempt - _int_header(headers.get(HEADER_ATTEMPT_BASE), 0, minimum=0) <= 1
 
 
 def _published_at(message: AbstractIncomingMessage) -> float:

@@ -86,10 +86,11 @@ class Publisher:
         *,
         headers: Mapping[str, Any] | None = None,
         message_id: str | None = None,
+        lane: str = "main",
     ) -> None:
         await self.publish(
             self.names.exchange,
-            self.names.send_key(channel),
+            self.names.send_key(channel, lane),
             body,
             headers=headers,
             message_id=message_id,
@@ -104,6 +105,7 @@ class Publisher:
         headers: Mapping[str, Any] | None = None,
         message_id: str | None = None,
         content_type: str | None = "application/json",
+        lane: str = "main",
     ) -> None:
         """Publish to the channel's queue after ``delay_s`` seconds, via the delay levels.
 
@@ -116,7 +118,7 @@ class Publisher:
             delay_s = MAX_DELAY_S
         await self.publish(
             self.names.delay_entry,
-            delay_routing_key(max(0, delay_s), self.names.send_key(channel)),
+            delay_routing_key(max(0, delay_s), self.names.send_key(channel, lane)),
             body,
             headers=all_headers,
             message_id=message_id,

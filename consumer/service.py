@@ -19,6 +19,7 @@ from aiohttp import web
 
 from consumer.components import ROLES, Component, add_routes, build_components
 from consumer.errors import DeliveryError
+from consumer.flow import Breaker
 from consumer.migrate import discover
 from consumer.pause import PauseState
 from consumer.pipeline import LEASE_MARGIN_S, Pipeline
@@ -32,7 +33,7 @@ from consumer.server import create_app, start_site
 from consumer.settings import Settings
 from consumer.store import Store, create_pool
 from consumer.topology import Names, Topology
-from consumer.worker import ChannelConsumer
+from consumer.worker import ChannelControl
 from schemas.send_request import CHANNELS
 
 log = structlog.get_logger("herald.service")
@@ -90,7 +91,7 @@ class Service:
         self.publisher: Publisher | None = None
         self.store: Store | None = None
         self.pipeline: Pipeline | None = None
-        self.consumers: dict[str, ChannelConsumer] = {}
+        self.consumers: dict[str, ChannelControl] = {}
         self.providers: dict[str, Provider] = {}
         self.inactive: dict[str, str] = {}
         self.runner: web.AppRunner | None = None
@@ -122,9 +123,11 @@ class Service:
         if "senders" not in self.roles:
             active = []
         for channel in active:
-            consumer = ChannelConsumer(
+            consumer = ChannelControl(
                 self.connection, self.names, channel, self.pipeline, s.prefetch,
-                PauseState(base_cooldown_s=s.pause_base_s, max_cooldown_s=s.pause_max_s),
+                pause=PauseState(base_cooldown_s=s.pause_base_s, max_cooldown_s=s.pause_max_s),
+                rate=s.rate_for(channel),
+                breaker=Breaker(threshold=s.breaker_threshold),
             )
             await consumer.start()
             self.consumers[channel] = consumer
@@ -153,6 +156,20 @@ class Service:
         consumer = self.consumers.get(channel)
         if consumer is not None:
             consumer.sent_ok()
+
+    async def acquire(self, channel: str, lane: str) -> None:
+        consumer = self.consumers.get(channel)
+        if consumer is not None:
+            await consumer.limiter.acquire(lane)
+
+    def rate_limited(self, channel: str) -> None:
+        consumer = self.consumers.get(channel)
+        if consumer is not None:
+            consumer.rate_limited()
+
+    def transient_failure(self, channel: str, recipient: str) -> bool:
+        consumer = self.consumers.get(channel)
+        return consumer is not None and consumer.transient_failure(recipient)
 
     async def readiness(self) -> dict[str, bool]:
         checks = {"broker": bool(self.connection and not self.connection.is_closed)}

@@ -109,6 +109,11 @@ class Settings:
     retry_jitter: float = _env("HERALD_RETRY_JITTER", _float(0, 1), 0.1)
     delivery_limit: int = _env("HERALD_DELIVERY_LIMIT", _int(1, 1000), 20)
     pause_base_s: float = _env("HERALD_PAUSE_BASE_S", _float(0.1, 3600), 5.0)
+    http_rate: float = _env("HERALD_HTTP_RATE", _float(0, 100000), 0.0)
+    sms_rate: float = _env("HERALD_SMS_RATE", _float(0, 100000), 0.0)
+    whatsapp_rate: float = _env("HERALD_WHATSAPP_RATE", _float(0, 100000), 0.0)
+    messenger_rate: float = _env("HERALD_MESSENGER_RATE", _float(0, 100000), 0.0)
+    breaker_threshold: int = _env("HERALD_BREAKER_THRESHOLD", _int(2, 10000), 10)
     pause_max_s: float = _env("HERALD_PAUSE_MAX_S", _float(0.1, 86400), 300.0)
     log_level: str = _env(
         "HERALD_LOG_LEVEL", _choice("debug", "info", "warning", "error"), "info"
@@ -155,6 +160,11 @@ class Settings:
                 "HERALD_BASE_DELAY_S: must not exceed HERALD_MAX_DELAY_S "
                 f"({self.base_delay_s:g} > {self.max_delay_s:g})"
             )
+
+    def rate_for(self, channel: str) -> float | None:
+        """The channel's send rate limit (messages/s per process), None when unlimited."""
+        rate = float(getattr(self, f"{channel}_rate", 0.0))
+        return rate if rate > 0 else None
 
     def replace(self, **changes: Any) -> Settings:
         values = {f.name: getattr(self, f.name) for f in fields(self)}

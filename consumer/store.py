@@ -14,7 +14,8 @@ import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import date, datetime
+from datetime import time as dt_time
 from typing import Any, Literal
 
 import asyncpg
@@ -59,6 +60,11 @@ class Campaign:
     base_delay_s: float | None
     max_delay_s: float | None
     retry_mode: str | None
+    priority: str | None = None
+    daily_limit: int | None = None
+    timezone: str = "UTC"
+    quiet_start: dt_time | None = None
+    quiet_end: dt_time | None = None
 
 
 async def _keep_session(conn: asyncpg.Connection) -> None:
@@ -253,6 +259,14 @@ class Store:
             error_code, last_error[:2000], parked_at, body, headers,
         )
 
+    async def take_quota(self, campaign_id: str, day: date, *, first: bool, limit: int,
+                         day_end: datetime) -> bool:
+        """One send from the campaign's daily quota (see sql/0005 herald_take_quota)."""
+        return bool(await self.pool.fetchval(
+            "SELECT herald_take_quota($1, $2, $3, $4, $5)",
+            campaign_id, day, first, limit, day_end,
+        ))
+
     async def campaign(self, campaign_id: str) -> Campaign | None:
         """A campaign's retry defaults, cached briefly (they change rarely)."""
         now = time.monotonic()
@@ -260,7 +274,8 @@ class Store:
         if cached is not None and now - cached[0] < self.CAMPAIGN_CACHE_S:
             return cached[1]
         row = await self.pool.fetchrow(
-            """SELECT campaign_id, max_attempts, base_delay_s, max_delay_s, retry_mode
+            """SELECT campaign_id, max_attempts, base_delay_s, max_delay_s, retry_mode,
+                      priority, daily_limit, timezone, quiet_start, quiet_end
                  FROM campaigns WHERE campaign_id = $1""",
             campaign_id,
         )

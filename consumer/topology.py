@@ -7,7 +7,8 @@ message waits exactly 2**L seconds. A delay d is written as its 18 bits in
 the routing key (most significant first), followed by the destination key;
 each level's exchange sends a ``1`` bit through its queue and a ``0`` bit
 straight on to the next level down. Level 0 ends at the deliver exchange,
-which routes ``#.send.{channel}`` back to the channel's queue.
+which routes ``#.send.{channel}`` back to the channel's queue (and
+``#.send.{channel}.bulk`` to its bulk queue).
 """
 
 from __future__ import annotations
@@ -22,6 +23,11 @@ from aio_pika.abc import AbstractChannel, ExchangeType
 from schemas.send_request import CHANNELS
 
 DELAY_LEVELS = 18
+# Each channel has two queues: "main" for transactional messages (no campaign, or
+# priority "high") and "bulk" for campaign traffic, consumed side by side so a
+# one-time code never waits behind a million-message campaign. (Quorum queues
+# have no message priorities in RabbitMQ 3.10, hence two queues.)
+LANES: tuple[str, ...] = ("main", "bulk")
 MAX_DELAY_S = 2**DELAY_LEVELS - 1
 
 
@@ -33,12 +39,13 @@ class Names:
     def exchange(self) -> str:
         return self.prefix
 
-    def send_queue(self, channel: str) -> str:
-        return f"{self.prefix}.send.{channel}"
+    def send_queue(self, channel: str, lane: str = "main") -> str:
+        """The channel's queue: ``main`` (transactional) or ``bulk`` (campaigns)."""
+        return f"{self.prefix}.send.{channel}" + ("" if lane == "main" else f".{lane}")
 
     @staticmethod
-    def send_key(channel: str) -> str:
-        return f"send.{channel}"
+    def send_key(channel: str, lane: str = "main") -> str:
+        return f"send.{channel}" + ("" if lane == "main" else f".{lane}")
 
     def delay(self, level: int) -> str:
         return f"{self.prefix}.delay.{level}"
@@ -110,16 +117,19 @@ class Topology:
         exchange(n.exchange)
         exchange(n.parked, "direct")
         for channel in CHANNELS:
-            queue(
-                n.send_queue(channel),
-                **{"x-delivery-limit": self.delivery_limit, "x-dead-letter-exchange": n.parked,
-                   "x-dead-letter-routing-key": n.parked, **safe_dlx},
-            )
-            bind(n.exchange, n.send_queue(channel), n.send_key(channel))
+            for lane in LANES:
+                queue(
+                    n.send_queue(channel, lane),
+                    **{"x-delivery-limit": self.delivery_limit,
+                       "x-dead-letter-exchange": n.parked,
+                       "x-dead-letter-routing-key": n.parked, **safe_dlx},
+                )
+                bind(n.exchange, n.send_queue(channel, lane), n.send_key(channel, lane))
 
         exchange(n.deliver)
         for channel in CHANNELS:
-            bind(n.deliver, n.send_queue(channel), f"#.{n.send_key(channel)}")
+            for lane in LANES:
+                bind(n.deliver, n.send_queue(channel, lane), f"#.{n.send_key(channel, lane)}")
 
         for level in range(DELAY_LEVELS):
             below = n.delay(level - 1) if level > 0 else n.deliver

@@ -1,10 +1,16 @@
-"""Consuming a channel's queue with bounded, visible concurrency.
+"""Consuming a channel's queues with bounded, visible concurrency.
 
-Each delivery becomes one task kept in a set (never fire-and-forget); the
-broker's prefetch bounds how many exist at once. Stopping cancels the
-consumer first (no new work), waits up to a grace period for the tasks in
-flight, then cancels the rest, which leaves their messages unacked for the
-broker to requeue.
+Each channel has two lanes (see :mod:`consumer.topology`): ``main`` for
+transactional messages and ``bulk`` for campaigns, each consumed by a
+:class:`LaneConsumer` with its own prefetch, so neither waits behind the
+other. A :class:`ChannelControl` holds what the lanes share: the pause state
+(expired token, open breaker), the rate limiter and the breaker.
+
+Each delivery runs in the task aio-pika gives it, kept in a set (never
+fire-and-forget); the broker's prefetch bounds how many exist at once.
+Stopping cancels the consumers first (no new work), waits up to a grace
+period for the tasks in flight, then cancels the rest, which leaves their
+messages unacked for the broker to requeue.
 """
 
 from __future__ import annotations
@@ -23,28 +29,30 @@ from aio_pika.abc import (
 )
 
 from consumer import metrics
+from consumer.flow import Breaker, RateLimiter
 from consumer.pause import Mode, PauseState
 from consumer.pipeline import Pipeline
-from consumer.topology import Names
+from consumer.topology import LANES, Names
 
 log = structlog.get_logger("herald.worker")
 
 
-class ChannelConsumer:
-    """Consumes ``{prefix}.send.{channel}`` and feeds each delivery to the pipeline."""
+class LaneConsumer:
+    """Consumes one queue of a channel and feeds each delivery to the pipeline."""
 
     def __init__(
         self,
         connection: AbstractRobustConnection,
         names: Names,
         channel_name: str,
+        lane: str,
         pipeline: Pipeline,
         prefetch: int,
-        pause: PauseState | None = None,
     ) -> None:
         self.connection = connection
-        self.names = names
+        self.queue_name = names.send_queue(channel_name, lane)
         self.channel_name = channel_name
+        self.lane = lane
         self.pipeline = pipeline
         self.prefetch = prefetch
         self.tasks: set[asyncio.Task[Any]] = set()
@@ -52,76 +60,29 @@ class ChannelConsumer:
         self._amqp_channel: AbstractChannel | None = None
         self._queue: AbstractQueue | None = None
         self._consumer_tag: str | None = None
-        self.pause = pause or PauseState()
-        self._resume_task: asyncio.Task[None] | None = None
-        self._background: set[asyncio.Task[None]] = set()
-        self._stopped = False
-        self._control = asyncio.Lock()
 
     @property
-    def active(self) -> bool:
-        """Consuming, or deliberately paused (a paused channel is healthy)."""
-        return self._consumer_tag is not None or self.pause.mode is Mode.PAUSED
+    def consuming(self) -> bool:
+        return self._consumer_tag is not None
 
     async def start(self) -> None:
         self._amqp_channel = await self.connection.channel(publisher_confirms=False)
         await self._amqp_channel.set_qos(prefetch_count=self.prefetch)
         # declare_queue (passive), not get_queue: only queues declared on a robust
         # channel are re-attached, with their consumer, after a broker restart.
-        self._queue = await self._amqp_channel.declare_queue(
-            self.names.send_queue(self.channel_name), passive=True
-        )
-        await self._consume()
-        log.info("consumer.started", channel=self.channel_name, prefetch=self.prefetch)
+        self._queue = await self._amqp_channel.declare_queue(self.queue_name, passive=True)
+        await self.consume()
 
-    async def _consume(self) -> None:
-        assert self._queue is not None
-        self._consumer_tag = await self._queue.consume(self._on_message)
-        metrics.CONSUMERS_ACTIVE.labels(self.channel_name).set(1)
+    async def consume(self, prefetch: int | None = None) -> None:
+        assert self._queue is not None and self._amqp_channel is not None
+        if prefetch is not None:
+            await self._amqp_channel.set_qos(prefetch_count=prefetch)
+        if self._consumer_tag is None:
+            self._consumer_tag = await self._queue.consume(self._on_message)
 
-    # -- pausing (see consumer.pause) ------------------------------------------------
-
-    def trip(self, reason: str) -> None:
-        """The provider failed for everyone: stop taking work, probe after a cool-down."""
-        if self._stopped or not self.pause.trip(reason, time.monotonic()):
-            return
-        metrics.CHANNEL_PAUSED.labels(self.channel_name, reason).set(1)
-        log.warning("channel.paused", channel=self.channel_name, reason=reason,
-                    probe_in_s=round(self.pause.cooldown_s, 1), pauses=self.pause.pauses)
-        previous = self._resume_task
-        self._resume_task = asyncio.create_task(self._pause_then_probe(reason, previous))
-
-    async def _pause_then_probe(self, reason: str, previous: asyncio.Task[None] | None) -> None:
-        if previous is not None and not previous.done():
-            previous.cancel()
-        async with self._control:
-            if self._consumer_tag is not None:
-                await self.stop_consuming(final=False)
-        await asyncio.sleep(self.pause.remaining(time.monotonic()))
-        async with self._control:
-            if self._stopped:
-                return
-            # One message at a time until one gets through.
-            self.pause.start_probe()
-            metrics.CHANNEL_PAUSED.labels(self.channel_name, reason).set(0)
-            assert self._amqp_channel is not None
-            await self._amqp_channel.set_qos(prefetch_count=1)
-            await self._consume()
-            log.info("channel.probing", channel=self.channel_name, reason=reason)
-
-    def sent_ok(self) -> None:
-        """A send succeeded: a probing channel resumes at full speed."""
-        if self.pause.mode is Mode.RUNNING or not self.pause.succeeded():
-            return
-        log.info("channel.resumed", channel=self.channel_name)
-        task = asyncio.create_task(self._restore_prefetch())
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-
-    async def _restore_prefetch(self) -> None:
-        async with self._control:
-            if self._amqp_channel is not None and not self._amqp_channel.is_closed:
-                await self._amqp_channel.set_qos(prefetch_count=self.prefetch)
+    async def set_prefetch(self, prefetch: int) -> None:
+        if self._amqp_channel is not None and not self._amqp_channel.is_closed:
+            await self._amqp_channel.set_qos(prefetch_count=prefetch)
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
         # aio-pika already runs each delivery in a task of its own: track that task
@@ -131,7 +92,7 @@ class ChannelConsumer:
         self.tasks.add(task)
         self._in_flight.inc()
         try:
-            await self.pipeline.process(message, self.channel_name)
+            await self.pipeline.process(message, self.channel_name, self.lane)
         except Exception as exc:
             # Unexpected (e.g. a database error that is not an outage): hand the
             # message back for redelivery; x-delivery-limit parks one that keeps
@@ -144,18 +105,13 @@ class ChannelConsumer:
             self._in_flight.dec()
             self.tasks.discard(task)
 
-    async def stop_consuming(self, *, final: bool = True) -> None:
-        if final:
-            self._stopped = True
-            if self._resume_task is not None:
-                self._resume_task.cancel()
+    async def stop_consuming(self) -> None:
         if self._queue is not None and self._consumer_tag is not None:
             try:
                 await self._queue.cancel(self._consumer_tag)
             except Exception as exc:
-                log.warning("consumer.cancel_failed", channel=self.channel_name, error=repr(exc))
+                log.warning("consumer.cancel_failed", queue=self.queue_name, error=repr(exc))
         self._consumer_tag = None
-        metrics.CONSUMERS_ACTIVE.labels(self.channel_name).set(0)
 
     async def drain(self, grace_s: float) -> int:
         """Wait for in-flight work up to ``grace_s``; cancel what is left. Returns that count."""
@@ -173,4 +129,123 @@ class ChannelConsumer:
             try:
                 await self._amqp_channel.close()
             except Exception as exc:
-                log.warning("consumer.close_failed", channel=self.channel_name, error=repr(exc))
+                log.warning("consumer.close_failed", queue=self.queue_name, error=repr(exc))
+
+
+class ChannelControl:
+    """A channel's lanes and what they share: pause, rate limiter, breaker."""
+
+    def __init__(
+        self,
+        connection: AbstractRobustConnection,
+        names: Names,
+        channel_name: str,
+        pipeline: Pipeline,
+        prefetch: int,
+        *,
+        pause: PauseState | None = None,
+        rate: float | None = None,
+        breaker: Breaker | None = None,
+    ) -> None:
+        self.channel_name = channel_name
+        self.prefetch = prefetch
+        self.lanes = [LaneConsumer(connection, names, channel_name, lane, pipeline, prefetch)
+                      for lane in LANES]
+        self.pause = pause or PauseState()
+        self.limiter = RateLimiter(rate)
+        self.breaker = breaker or Breaker()
+        self._resume_task: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[None]] = set()
+        self._stopped = False
+        self._control = asyncio.Lock()
+        self._rate_gauge = metrics.CHANNEL_RATE.labels(channel_name)
+        self._rate_gauge.set(rate or 0)
+
+    @property
+    def tasks(self) -> set[asyncio.Task[Any]]:
+        return set().union(*(lane.tasks for lane in self.lanes))
+
+    @property
+    def active(self) -> bool:
+        """Consuming, or deliberately paused (a paused channel is healthy)."""
+        return all(lane.consuming for lane in self.lanes) or self.pause.mode is Mode.PAUSED
+
+    async def start(self) -> None:
+        for lane in self.lanes:
+            await lane.start()
+        metrics.CONSUMERS_ACTIVE.labels(self.channel_name).set(1)
+        log.info("consumer.started", channel=self.channel_name, prefetch=self.prefetch,
+                 rate=self.limiter.rate)
+
+    # -- pausing (see consumer.pause) ------------------------------------------------
+
+    def trip(self, reason: str) -> None:
+        """The provider failed for everyone: stop taking work, probe after a cool-down."""
+        if self._stopped or not self.pause.trip(reason, time.monotonic()):
+            return
+        metrics.CHANNEL_PAUSED.labels(self.channel_name, reason).set(1)
+        log.warning("channel.paused", channel=self.channel_name, reason=reason,
+                    probe_in_s=round(self.pause.cooldown_s, 1), pauses=self.pause.pauses)
+        previous = self._resume_task
+        self._resume_task = asyncio.create_task(self._pause_then_probe(reason, previous))
+
+    async def _pause_then_probe(self, reason: str, previous: asyncio.Task[None] | None) -> None:
+        if previous is not None and not previous.done():
+            previous.cancel()
+        async with self._control:
+            for lane in self.lanes:
+                await lane.stop_consuming()
+            metrics.CONSUMERS_ACTIVE.labels(self.channel_name).set(0)
+        await asyncio.sleep(self.pause.remaining(time.monotonic()))
+        async with self._control:
+            if self._stopped:
+                return
+            # One message at a time (per lane) until one gets through.
+            self.pause.start_probe()
+            metrics.CHANNEL_PAUSED.labels(self.channel_name, reason).set(0)
+            for lane in self.lanes:
+                await lane.consume(prefetch=1)
+            metrics.CONSUMERS_ACTIVE.labels(self.channel_name).set(1)
+            log.info("channel.probing", channel=self.channel_name, reason=reason)
+
+    def sent_ok(self) -> None:
+        """A send succeeded: feeds the adaptive rate, closes the breaker, ends a probe."""
+        self.breaker.success()
+        self.limiter.on_sent()
+        self._rate_gauge.set(self.limiter.rate or 0)
+        if self.pause.mode is Mode.RUNNING or not self.pause.succeeded():
+            return
+        log.info("channel.resumed", channel=self.channel_name)
+        task = asyncio.create_task(self._restore_prefetch())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def rate_limited(self) -> None:
+        self.limiter.on_rate_limited()
+        self._rate_gauge.set(self.limiter.rate or 0)
+        log.info("channel.slowed_down", channel=self.channel_name, rate=self.limiter.rate)
+
+    def transient_failure(self, recipient: str) -> bool:
+        return self.breaker.failure(recipient)
+
+    async def _restore_prefetch(self) -> None:
+        async with self._control:
+            for lane in self.lanes:
+                await lane.set_prefetch(self.prefetch)
+
+    async def stop_consuming(self) -> None:
+        self._stopped = True
+        if self._resume_task is not None:
+            self._resume_task.cancel()
+        for lane in self.lanes:
+            await lane.stop_consuming()
+        metrics.CONSUMERS_ACTIVE.labels(self.channel_name).set(0)
+
+    async def drain(self, grace_s: float) -> int:
+        results = await asyncio.gather(*(lane.drain(grace_s) for lane in self.lanes))
+        return sum(results)
+
+    async def close(self) -> None:
+        await self.limiter.close()
+        for lane in self.lanes:
+            await lane.close()

@@ -273,9 +273,10 @@ def test_everything_in_design_section_4_is_declared(topology: Topology) -> None:
         assert f"{PREFIX}.delay.{level}" in queues
     for channel in ("http", "sms", "whatsapp", "messenger"):
         assert f"{PREFIX}.send.{channel}" in queues
+        assert f"{PREFIX}.send.{channel}.bulk" in queues  # campaign lane (issue #6)
     assert {f"{PREFIX}.parked", f"{PREFIX}.events"} <= queues
     assert all(q["arguments"]["x-queue-type"] == "quorum" for q in topology.queues)
-    assert len(queues) == len(topology.queues) == len(CHANNELS) + DELAY_LEVELS + 2
+    assert len(queues) == len(topology.queues) == 2 * len(CHANNELS) + DELAY_LEVELS + 2
     assert len(exchanges) == len(topology.exchanges)
     assert all(name == PREFIX or name.startswith(f"{PREFIX}.") for name in exchanges)
     assert all(name.startswith(f"{PREFIX}.") for name in queues)
