@@ -7,10 +7,10 @@ private Prometheus (Debian package, via deploy/local/prometheus.sh run) that
 scrapes the three every second and evaluates deploy/prometheus/herald-rules.yaml.
 It then publishes a mix of messages (successes with latency, retries,
 parked, scheduled, WhatsApp and SMS through the sandbox with status
-callbacks) and drives the scenarios that some panels need: a provider-wide
-401 pauses the http channel, an unsigned webhook is a signature failure, a
-parked message is replayed. Each panel query must return at least one series;
-nothing is padded with `or vector(0)`.
+callbacks) and drives the scenarios that some panels need: an expired Twilio
+token pauses the sms channel, an unsigned webhook is a signature failure, and
+parked messages are replayed through the admin API. Each panel query must
+return at least one series; nothing is padded with `or vector(0)`.
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ PROMETHEUS_SH = REPO / "deploy" / "local" / "prometheus.sh"
 # Grafana's variables, as a dashboard opened on the last 10 minutes would have them.
 GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$__interval": "15s", "$__range": "10m"}
 PANEL_DATA_TIMEOUT_S = 45.0
+ADMIN_TOKEN = "dashboard-test-token"
 
 
 def dashboard() -> dict[str, Any]:
@@ -211,6 +212,7 @@ async def stack(prefix: str, db_url: str, tmp_path: Path) -> AsyncIterator[Stack
             "HERALD_HTTP_HOST": "127.0.0.1", "HERALD_LOG_LEVEL": "warning",
             "HERALD_BASE_DELAY_S": "1", "HERALD_MAX_DELAY_S": "2", "HERALD_RETRY_JITTER": "0",
             "HERALD_MAX_ATTEMPTS": "3", "HERALD_SEND_TIMEOUT_S": "5",
+            "HERALD_ADMIN_TOKEN": ADMIN_TOKEN,
         }
         for role, port in ports.items():
             await start(stack, f"herald-{role}",
@@ -277,8 +279,14 @@ async def drive_load(stack: Stack, amqp: AbstractRobustConnection, prefix: str,
 
     await wait(http_done, timeout=60, what="http messages sent or parked", stack=stack)
 
-    # A provider-wide failure (401) pauses the http channel until a probe succeeds.
-    await publish_all(amqp, prefix, [http_request(sandbox, "fail=1&fail_status=401")])
+    # Twilio refuses the token for a few seconds (20003, provider-wide): the sms
+    # channel pauses, and its probe resumes it once the mode is over.
+    mode = {"provider": "twilio", "mode": "token_expired", "seconds": 8}
+    async with aiohttp.ClientSession() as session, session.post(
+            f"{sandbox}/_sandbox/provider", json=mode) as r:
+        if r.status != 200:
+            stack.notes.append(f"sandbox provider mode answered {r.status}")
+    await publish_all(amqp, prefix, [provider_request("sms", 100 + i) for i in range(3)])
 
     # An unsigned status webhook: refused and counted as a signature failure.
     unsigned = {"MessageSid": "SM" + "0" * 32, "MessageStatus": "delivered"}
@@ -287,17 +295,16 @@ async def drive_load(stack: Stack, amqp: AbstractRobustConnection, prefix: str,
         if r.status != 403:
             stack.notes.append(f"unsigned POST /webhooks/twilio answered {r.status}, not 403")
 
-    # An operator replays the parked invalid requests (parked again: the endpoint
-    # still answers 400; the replay itself is what the panel counts).
-    replay = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "consumer", "parked", "replay", "--channel", "http",
-        env={**os.environ, "HERALD_AMQP_URL": AMQP_URL,
-             "HERALD_DATABASE_URL": db_url, "HERALD_PREFIX": prefix},
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, cwd=str(REPO))
-    output, _ = await asyncio.wait_for(replay.communicate(), 60)
-    if replay.returncode != 0:
-        stack.notes.append(f"`herald parked replay --channel http` exited {replay.returncode}: "
-                           + output.decode(errors="replace").strip()[-300:])
+    # An operator replays the parked invalid requests through the gateway's admin
+    # API (parked again: the endpoint still answers 400; the replay is what the
+    # panel counts). `herald parked replay` would count in its own, unscraped process.
+    replay = {"channel": "http", "error_types": ["invalid_request"]}
+    async with aiohttp.ClientSession() as session, session.post(
+            f"{gateway}/admin/parked/replay", json=replay,
+            headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}) as r:
+        if r.status != 200:
+            stack.notes.append(f"POST /admin/parked/replay answered {r.status}: "
+                               f"{(await r.text())[:300]}")
 
 
 async def wait(condition: Any, *, timeout: float, what: str, stack: Stack) -> None:
