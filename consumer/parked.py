@@ -224,16 +224,37 @@ async def list_parked(pool: asyncpg.Pool, selection: Selection, *, limit: int = 
                f" ORDER BY p.parked_at {order}, p.parked_id {order}")
     params.extend([limit, offset])
     sql += f" LIMIT ${len(params) - 1} OFFSET ${len(params)}"
-    count_params: list[Any] = []
-    count_where = ["p.state = 'parked'", *selection.conditions(count_params)]
     async with pool.acquire() as conn:
-        rows = await conn.fetch(sql, *params)
-        counts = await conn.fetch(
-            f"SELECT p.error_type, count(*) AS n FROM parked_messages p"
-            f" WHERE {' AND '.join(count_where)} GROUP BY p.error_type ORDER BY p.error_type",
-            *count_params)
-    return Listing([ParkedRow.from_record(r) for r in rows],
-                   {r["error_type"]: int(r["n"]) for r in counts}, limit, offset)
+        rows = await conn.fetch(sql, *params) if limit else []
+        counts = await count_parked(conn, selection)
+    return Listing([ParkedRow.from_record(r) for r in rows], counts, limit, offset)
+
+
+async def count_parked(conn: Conn, selection: Selection) -> dict[str, int]:
+    """Parked copies per error_type matching ``selection``: from parked_counts
+    (a few rows, kept by triggers) when the selection is by channel, error_type
+    and campaign only, else counted from the index rows."""
+    params: list[Any] = []
+    if not (selection.ids or selection.recipient or selection.since or selection.until):
+        where = ["c.parked <> 0"]
+        if selection.channel:
+            params.append(selection.channel)
+            where.append(f"c.channel = ${len(params)}")
+        if selection.error_types:
+            params.append(list(selection.error_types))
+            where.append(f"c.error_type = ANY(${len(params)}::text[])")
+        if selection.campaign:
+            params.append(selection.campaign)
+            where.append(f"c.campaign_id = ${len(params)}")
+        sql = (f"SELECT c.error_type, sum(c.parked) AS n FROM parked_counts c"
+               f" WHERE {' AND '.join(where)} GROUP BY c.error_type")
+    else:
+        where = ["p.state = 'parked'", *selection.conditions(params)]
+        sql = (f"SELECT p.error_type, count(*) AS n FROM parked_messages p"
+               f" WHERE {' AND '.join(where)} GROUP BY p.error_type")
+    return {r["error_type"]: int(r["n"])
+            for r in sorted(await conn.fetch(sql, *params), key=lambda r: r["error_type"])
+            if r["n"]}
 
 
 async def resolve_ids(pool: asyncpg.Pool, texts: Sequence[str]) -> tuple[uuid.UUID, ...]:

@@ -17,6 +17,69 @@ ALTER TABLE parked_messages
     ADD COLUMN replay_body bytea,
     ADD COLUMN resolved_by text;
 
+-- Parked copies per (channel, error_type, campaign), kept by statement
+-- triggers, so that `herald parked list` answers its counts per error_type
+-- from a few rows however large the lot is. campaign_id '' stands for none
+-- (it is part of the key). Each statement folds its rows into one change per
+-- key, applied in key order (two statements never wait on each other's keys
+-- in opposite orders).
+CREATE TABLE parked_counts (
+    channel     text NOT NULL,
+    error_type  text NOT NULL,
+    campaign_id text NOT NULL,
+    parked      bigint NOT NULL,
+    PRIMARY KEY (channel, error_type, campaign_id)
+);
+
+INSERT INTO parked_counts (channel, error_type, campaign_id, parked)
+SELECT channel, error_type, COALESCE(campaign_id, ''), count(*)
+  FROM parked_messages WHERE state = 'parked'
+ GROUP BY 1, 2, 3;
+
+CREATE FUNCTION herald_parked_counts() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF TG_OP = 'INSERT' THEN
+        INSERT INTO parked_counts AS c (channel, error_type, campaign_id, parked)
+        SELECT channel, error_type, COALESCE(campaign_id, ''), count(*)
+          FROM new_rows WHERE state = 'parked'
+         GROUP BY 1, 2, 3 ORDER BY 1, 2, 3
+        ON CONFLICT (channel, error_type, campaign_id)
+        DO UPDATE SET parked = c.parked + EXCLUDED.parked;
+    ELSIF TG_OP = 'UPDATE' THEN
+        INSERT INTO parked_counts AS c (channel, error_type, campaign_id, parked)
+        SELECT channel, error_type, campaign_id, sum(change)
+          FROM (SELECT channel, error_type, COALESCE(campaign_id, '') AS campaign_id,
+                       1 AS change
+                  FROM new_rows WHERE state = 'parked'
+                UNION ALL
+                SELECT channel, error_type, COALESCE(campaign_id, ''), -1
+                  FROM old_rows WHERE state = 'parked') AS changes
+         GROUP BY 1, 2, 3 HAVING sum(change) <> 0 ORDER BY 1, 2, 3
+        ON CONFLICT (channel, error_type, campaign_id)
+        DO UPDATE SET parked = c.parked + EXCLUDED.parked;
+    ELSE
+        INSERT INTO parked_counts AS c (channel, error_type, campaign_id, parked)
+        SELECT channel, error_type, COALESCE(campaign_id, ''), -count(*)
+          FROM old_rows WHERE state = 'parked'
+         GROUP BY 1, 2, 3 ORDER BY 1, 2, 3
+        ON CONFLICT (channel, error_type, campaign_id)
+        DO UPDATE SET parked = c.parked + EXCLUDED.parked;
+    END IF;
+    RETURN NULL;
+END;
+$$;
+
+CREATE TRIGGER parked_counts_insert AFTER INSERT ON parked_messages
+    REFERENCING NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION herald_parked_counts();
+CREATE TRIGGER parked_counts_update AFTER UPDATE ON parked_messages
+    REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION herald_parked_counts();
+CREATE TRIGGER parked_counts_delete AFTER DELETE ON parked_messages
+    REFERENCING OLD TABLE AS old_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION herald_parked_counts();
+
 -- What people did to a message or a parked copy: its history next to the
 -- delivery attempts (herald parked show).
 CREATE TABLE message_actions (

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator
 
 import aio_pika
@@ -23,9 +24,9 @@ from consumer.replay import ReplayOptions, replay
 from consumer.settings import Settings
 from consumer.store import create_pool
 from consumer.topology import Names
-from tests.conftest import AMQP_URL
-from tests.helpers import drain_queue, queue_depth, request
-from tests.integration.parking import park_directly, parked_ids, peek
+from tests.conftest import AMQP_URL, RunningSandbox, ServiceFactory
+from tests.helpers import drain_queue, publish_all, queue_depth, request, wait_for
+from tests.integration.parking import park_directly, parked_ids, peek, wait_parked
 
 
 @pytest.fixture
@@ -170,3 +171,67 @@ async def test_list_counts_and_filters(
     none = await list_parked(lot.pool, Selection(ids=(uuid.uuid4(),)))
     assert none.total == 0 and none.rows == []
     assert await queue_depth(amqp, Names(prefix).parked) == 12
+
+
+# -- end to end, parked by the real pipeline -------------------------------------------
+
+# Three error types that park at once and say nothing about the channel as a
+# whole (transient ones would feed the channel's circuit breaker): the sandbox
+# fails the first attempt with 400 or 403; a URL without a host never gets there.
+KINDS = ("invalid_request", "permission", "invalid_recipient")
+
+
+def _recipient(sandbox: RunningSandbox, kind: str) -> str:
+    if kind == "invalid_recipient":
+        return "http:///no-host"
+    return sandbox.url(kind, fail=1, fail_status=400 if kind == "invalid_request" else 403)
+
+
+def _lot_requests(n: int, prefix: str = "p") -> dict[str, str]:
+    """n send requests per error_type, interleaved; message_id -> error_type."""
+    return {f"{prefix}-{i}": KINDS[i % 3] for i in range(3 * n)}
+
+
+async def _park_through_pipeline(
+    amqp: AbstractRobustConnection, prefix: str, db: asyncpg.Connection,
+    sandbox: RunningSandbox, kinds: dict[str, str],
+) -> None:
+    reqs = [request(mid, _recipient(sandbox, kind)) for mid, kind in kinds.items()]
+    await publish_all(amqp, prefix, reqs)
+    await wait_parked(db, amqp, prefix, len(kinds))
+
+
+async def test_replaying_one_error_type_sends_exactly_those_and_keeps_the_rest_in_order(
+    amqp: AbstractRobustConnection, prefix: str, db: asyncpg.Connection,
+    sandbox: RunningSandbox, start_service: ServiceFactory, lot: Lot,
+) -> None:
+    await start_service()
+    kinds = _lot_requests(100)
+    await _park_through_pipeline(amqp, prefix, db, sandbox, kinds)
+
+    listing = await list_parked(lot.pool, Selection(), limit=300)
+    assert listing.by_error_type == {kind: 100 for kind in KINDS}
+    assert {r.message_id: r.error_type for r in listing.rows} == kinds
+    names = Names(prefix)
+    before = await peek(names.parked)
+    by_copy = {str(m.headers["x-herald-parked-id"]): str(m.headers["x-herald-message-id"])
+               for m in before}
+    seen = len(sandbox.sandbox.received)
+
+    report = await replay(lot, ReplayOptions(Selection(error_types=("permission",))), "test")
+    assert (report.replayed, report.selected, report.complete) == (100, 100, True), report
+    chosen = {mid for mid, kind in kinds.items() if kind == "permission"}
+
+    async def all_sent() -> bool:
+        return await db.fetchval("SELECT count(*) FROM messages WHERE status = 'sent'") == 100
+
+    await wait_for(all_sent, timeout=30, what="the 100 replayed messages sent")
+    assert sandbox.sandbox.accepted_counts() == Counter({mid: 1 for mid in chosen})
+    assert Counter(r.message_id for r in sandbox.sandbox.received[seen:]) == Counter(chosen)
+    after = parked_ids(await peek(names.parked))
+    assert after == [c for c in parked_ids(before) if by_copy[c] not in chosen]
+    listing = await list_parked(lot.pool, Selection())
+    assert listing.by_error_type == {"invalid_request": 100, "invalid_recipient": 100}
+    attempts = await db.fetch("SELECT DISTINCT attempt, outcome FROM delivery_attempts"
+                              " WHERE message_id = ANY($1)", list(chosen))
+    assert {tuple(r) for r in attempts} == {(1, "failed"), (2, "sent")}
