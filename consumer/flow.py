@@ -42,9 +42,9 @@ class TokenBucket:
     updated: float = 0.0
 
     @classmethod
-    def full(cls, rate: float, now: float) -> TokenBucket:
-        capacity = max(1.0, rate)
-        return cls(rate, capacity, capacity, now)
+    def empty(cls, rate: float, now: float) -> TokenBucket:
+        """A bucket that starts empty: a (re)started process does not open with a burst."""
+        return cls(rate, max(1.0, rate), 0.0, now)
 
     def refill(self, now: float) -> None:
         if now > self.updated:
@@ -122,7 +122,7 @@ class RateLimiter:
         self.clock = clock
         self.adaptive = AdaptiveRate(rate)
         now = clock()
-        self.bucket = TokenBucket.full(rate, now) if rate else None
+        self.bucket = TokenBucket.empty(rate, now) if rate else None
         self._waiters: dict[str, deque[asyncio.Future[None]]] = {"main": deque(), "bulk": deque()}
         self._main_streak = 0
         self._dispatcher: asyncio.Task[None] | None = None

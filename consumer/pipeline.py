@@ -206,7 +206,7 @@ class Pipeline:
                 return await self._defer(message, request, headers, attempt, quiet_end,
                                          "quiet_hours", lane)
             if campaign.daily_limit is not None and not await self._take_quota(
-                    campaign, window, now, first=used <= 1):
+                    campaign, request.message_id, window, now, first=used <= 1):
                 tomorrow = quota.next_day_start(now, window)
                 return await self._defer(message, request, headers, attempt, tomorrow,
                                          "daily_limit", lane)
@@ -307,15 +307,16 @@ class Pipeline:
         )
 
     async def _take_quota(
-        self, campaign: Campaign, window: ZoneInfo, now: datetime, *, first: bool
+        self, campaign: Campaign, message_id: str, window: ZoneInfo, now: datetime, *,
+        first: bool,
     ) -> bool:
         day = quota.local_day(now, window)
         _, day_end = quota.day_bounds(day, window)
         limit = campaign.daily_limit or 0
         return await self._infra(
             "database",
-            lambda: self.store.take_quota(campaign.campaign_id, day, first=first, limit=limit,
-                                          day_end=day_end),
+            lambda: self.store.take_quota(campaign.campaign_id, message_id, day, first=first,
+                                          limit=limit, day_end=day_end),
             before_send=True,
         )
 

@@ -7,7 +7,9 @@ import asyncio
 import signal
 import time
 import uuid
+from collections.abc import Callable
 from contextlib import suppress
+from datetime import UTC, datetime
 from typing import Any
 
 import aio_pika
@@ -76,11 +78,14 @@ def build_providers(
 
 class Service:
     def __init__(self, settings: Settings, *, channels: tuple[str, ...] | None = None,
-                 serve_http: bool = True, roles: tuple[str, ...] = ROLES) -> None:
+                 serve_http: bool = True, roles: tuple[str, ...] = ROLES,
+                 now: Callable[[], datetime] | None = None) -> None:
         self.settings = settings
         self.names = Names(settings.prefix)
         self.only_channels = channels
         self.roles = roles
+        # The pipeline's clock (tests move it to test day boundaries and quiet hours).
+        self.now = now or (lambda: datetime.now(UTC))
         self.components: list[Component] = []
         self.serve_http = serve_http
         self.instance_id = f"{uuid.uuid4().hex[:12]}"
@@ -116,7 +121,7 @@ class Service:
         self.providers, self.inactive = build_providers(s, self.session)
         self.pipeline = Pipeline(
             s, self.store, self.publisher, self.providers,
-            instance_id=self.instance_id, stopping=self.stopping, hooks=self,
+            instance_id=self.instance_id, stopping=self.stopping, hooks=self, now=self.now,
         )
         active = [c for c in CHANNELS if c in self.providers
                   and (self.only_channels is None or c in self.only_channels)]

@@ -259,12 +259,12 @@ class Store:
             error_code, last_error[:2000], parked_at, body, headers,
         )
 
-    async def take_quota(self, campaign_id: str, day: date, *, first: bool, limit: int,
-                         day_end: datetime) -> bool:
+    async def take_quota(self, campaign_id: str, message_id: str, day: date, *, first: bool,
+                         limit: int, day_end: datetime) -> bool:
         """One send from the campaign's daily quota (see sql/0005 herald_take_quota)."""
         return bool(await self.pool.fetchval(
-            "SELECT herald_take_quota($1, $2, $3, $4, $5)",
-            campaign_id, day, first, limit, day_end,
+            "SELECT herald_take_quota($1, $2, $3, $4, $5, $6)",
+            campaign_id, message_id, day, first, limit, day_end,
         ))
 
     async def campaign(self, campaign_id: str) -> Campaign | None:

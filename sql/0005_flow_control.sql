@@ -16,10 +16,12 @@ CREATE TABLE campaign_daily_usage (
 
 -- Take one send from the campaign's quota for p_day. A first attempt may use
 -- the whole limit; a retry only what remains after the first attempts known to
--- be waiting for this day (status 'queued', due before p_day_end). Returns
--- whether the send may go now.
+-- be waiting for this day (status 'queued', due before p_day_end; a first
+-- attempt stops counting as waiting once it took its quota). Returns whether
+-- the send may go now.
 CREATE FUNCTION herald_take_quota(
-    p_campaign_id text, p_day date, p_first boolean, p_limit integer, p_day_end timestamptz
+    p_campaign_id text, p_message_id text, p_day date, p_first boolean, p_limit integer,
+    p_day_end timestamptz
 ) RETURNS boolean
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -37,6 +39,14 @@ BEGIN
            retries = u.retries + CASE WHEN p_first THEN 0 ELSE 1 END
      WHERE u.campaign_id = p_campaign_id AND u.day = p_day
        AND u.first_attempts + u.retries + waiting < p_limit;
-    RETURN FOUND;
+    IF NOT FOUND THEN
+        RETURN false;
+    END IF;
+    IF p_first THEN
+        -- Counted now: no longer a first attempt waiting for today.
+        UPDATE messages SET next_attempt_at = NULL
+         WHERE message_id = p_message_id AND status = 'queued';
+    END IF;
+    RETURN true;
 END;
 $$;

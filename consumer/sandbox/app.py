@@ -14,7 +14,7 @@ import asyncio
 import json
 import time
 import uuid
-from collections import Counter, defaultdict
+from collections import Counter, defaultdict, deque
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -57,6 +57,7 @@ class HttpScript:
     status: int | None = None  # always answer this status
     hang: bool = False  # never answer (until the client gives up)
     latency_ms: float = 0.0
+    rate_limit: float | None = None  # answer 429 above this many requests/s (per endpoint)
 
     @classmethod
     def from_query(cls, query: Any) -> HttpScript:
@@ -72,6 +73,7 @@ class HttpScript:
             status=int(status) if status else None,
             hang=query.get("hang") in ("1", "true", "yes"),
             latency_ms=num("latency_ms", 0.0),
+            rate_limit=num("rate_limit", 0.0) or None,
         )
 
 
@@ -86,6 +88,8 @@ class Sandbox:
     ) -> None:
         self.received: list[Received] = []
         self._failures: defaultdict[tuple[str, str], int] = defaultdict(int)
+        self._recent: defaultdict[str, deque[float]] = defaultdict(deque)
+        self._http_outage: tuple[float, int] | None = None
         self.app = web.Application(client_max_size=4 * 1024 * 1024)
         self.app.router.add_post("/http/{name:.*}", self._http)
         self.app.router.add_get("/_sandbox/requests", self._list)
@@ -131,7 +135,15 @@ class Sandbox:
 
         key = (request.path_qs, message_id or "")
         headers: dict[str, str] = {}
-        if script.status is not None:
+        now = time.time()
+        outage = self._http_outage
+        if outage is not None and now < outage[0]:
+            status = outage[1]
+        elif script.rate_limit is not None and self._over_rate(request.path, now,
+                                                                 script.rate_limit):
+            status = 429
+            headers["Retry-After"] = "1"
+        elif script.status is not None:
             status = script.status
         elif self._failures[key] < script.fail:
             self._failures[key] += 1
@@ -159,6 +171,20 @@ class Sandbox:
             return web.json_response({"id": provider_message_id}, status=status)
         return web.json_response({"error": f"scripted {status}"}, status=status,
                                  headers=headers)
+
+    def http_outage(self, seconds: float, status: int = 503) -> None:
+        """Every ``/http/…`` request answers ``status`` for the next ``seconds``."""
+        self._http_outage = (time.time() + seconds, status)
+
+    def _over_rate(self, endpoint: str, now: float, limit: float) -> bool:
+        """Count this request against the endpoint's last second; True when over."""
+        recent = self._recent[endpoint]
+        while recent and recent[0] <= now - 1.0:
+            recent.popleft()
+        if len(recent) >= limit:
+            return True
+        recent.append(now)
+        return False
 
     # -- control API --------------------------------------------------------------------
 
