@@ -113,18 +113,20 @@ def _validated(body: bytes, channel: str) -> tuple[SendRequest | None, str]:
     return request, ""
 
 
-def edited_body(edit: Edit, original: bytes, channel: str, message_id: str | None) -> bytes:
+def edited_body(edit: Edit, original: bytes, channel: str) -> bytes:
     """The send request an edit produces, validated; raises LotError."""
+    current, problem = _validated(original, channel)
     if edit.request is not None:
         request, problem = _validated(edit.request, channel)
         if request is None:
             raise LotError(f"--set-request: {problem}")
-        if message_id is not None and request.message_id != message_id:
-            raise LotError(f"--set-request: message_id must stay {message_id!r} (the message's"
-                           " idempotency key); publish a new message instead")
+        # A valid original's message_id is the message's idempotency key. (An
+        # invalid one has none: any AMQP message id it had says nothing.)
+        if current is not None and request.message_id != current.message_id:
+            raise LotError(f"--set-request: message_id must stay {current.message_id!r} (the"
+                           " message's idempotency key); publish a new message instead")
         return request.model_dump_json(exclude_none=True).encode()
     assert edit.body is not None
-    current, problem = _validated(original, channel)
     if current is None:
         raise LotError(f"--set-body: {problem}; use --set-request to replace all of it")
     body: Any = edit.body
@@ -193,7 +195,7 @@ async def _apply_edit(pool: asyncpg.Pool, parked_id: uuid.UUID, edit: Edit, acto
             raise LotError(f"{parked_id} is not parked"
                            + (f" (state {row['state']})" if row is not None else ""))
         before = bytes(row["replay_body"] or row["body"])
-        after = edited_body(edit, before, row["channel"], row["message_id"])
+        after = edited_body(edit, before, row["channel"])
         request = SendRequest.model_validate_json(after)
         await conn.execute("UPDATE parked_messages SET replay_body = $2 WHERE parked_id = $1",
                            parked_id, after)
@@ -372,7 +374,7 @@ async def _plan(lot: Lot, options: ReplayOptions) -> ReplayReport:
         status = row["message_status"]
         body = bytes(row["replay_body"] or row["body"])
         if options.edit is not None:
-            body = edited_body(options.edit, body, row["channel"], row["message_id"])
+            body = edited_body(options.edit, body, row["channel"])
         request, problem = _validated(body, row["channel"])
         item: dict[str, Any] = {
             "id": str(row["parked_id"]), "message_id": row["message_id"],

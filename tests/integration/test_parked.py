@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
+import sys
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -18,14 +21,21 @@ import asyncpg
 import pytest
 from aio_pika.abc import AbstractRobustConnection
 
-from consumer.parked import Lot, Selection, list_parked
+from consumer.parked import Lot, Selection, list_parked, show
 from consumer.parking_queue import LotBusy, lot_lock
-from consumer.replay import ReplayOptions, replay
+from consumer.replay import Edit, ReplayOptions, replay
 from consumer.settings import Settings
 from consumer.store import create_pool
 from consumer.topology import Names
-from tests.conftest import AMQP_URL, RunningSandbox, ServiceFactory
-from tests.helpers import drain_queue, publish_all, queue_depth, request, wait_for
+from tests.conftest import AMQP_URL, REPO, RunningSandbox, ServiceFactory, herald_env
+from tests.helpers import (
+    drain_queue,
+    publish_all,
+    publish_raw,
+    queue_depth,
+    request,
+    wait_for,
+)
 from tests.integration.parking import park_directly, parked_ids, peek, wait_parked
 
 
@@ -235,3 +245,337 @@ async def test_replaying_one_error_type_sends_exactly_those_and_keeps_the_rest_i
     attempts = await db.fetch("SELECT DISTINCT attempt, outcome FROM delivery_attempts"
                               " WHERE message_id = ANY($1)", list(chosen))
     assert {tuple(r) for r in attempts} == {(1, "failed"), (2, "sent")}
+
+
+async def herald_cli(env: dict[str, str], *args: str) -> tuple[int, str, str]:
+    """``python -m consumer ARGS`` with the test's environment, to completion."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "consumer", *args, env={**os.environ, **env}, cwd=str(REPO),
+        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), 120)
+    return int(proc.returncode or 0), out.decode(), err.decode()
+
+
+async def _count(db: asyncpg.Connection, sql: str, *args: object) -> int:
+    return int(await db.fetchval(sql, *args))
+
+
+async def test_a_replay_killed_halfway_loses_nothing_and_the_next_one_finishes_it(
+    amqp: AbstractRobustConnection, prefix: str, db_url: str, db: asyncpg.Connection,
+    sandbox: RunningSandbox, start_service: ServiceFactory,
+) -> None:
+    await start_service()
+    kinds = {f"k-{i}": "permission" for i in range(150)}
+    await _park_through_pipeline(amqp, prefix, db, sandbox, kinds)
+    env = herald_env(prefix, db_url)
+
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "consumer", "parked", "replay", "--error-type", "permission",
+        "--rate", "40", env={**os.environ, **env}, cwd=str(REPO),
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+
+    async def halfway() -> bool:
+        return await _count(db, "SELECT count(*) FROM parked_messages"
+                                " WHERE state = 'replayed'") >= 50
+
+    await wait_for(halfway, timeout=30, what="a third replayed")
+    proc.send_signal(signal.SIGKILL)
+    await proc.wait()
+    replayed_at_kill = await _count(
+        db, "SELECT count(*) FROM parked_messages WHERE state = 'replayed'")
+    assert replayed_at_kill < 150, "the kill should land mid-replay"
+    # Nothing lost: what the killed replay held is back in the queue.
+    names = Names(prefix)
+
+    async def returned() -> bool:
+        return await queue_depth(amqp, names.parked) >= 150 - replayed_at_kill
+
+    await wait_for(returned, timeout=10, what="held messages back in the parking queue")
+
+    code, out, err = await herald_cli(env, "parked", "replay", "--error-type", "permission")
+    assert code == 0, (out, err)
+
+    async def all_sent() -> bool:
+        return await _count(db, "SELECT count(*) FROM messages WHERE status = 'sent'") == 150
+
+    await wait_for(all_sent, timeout=30, what="all 150 sent")
+    assert sandbox.sandbox.accepted_counts() == Counter({mid: 1 for mid in kinds})
+    assert await queue_depth(amqp, names.parked) == 0
+    states = dict(await db.fetch("SELECT state, count(*) FROM parked_messages GROUP BY 1"))
+    # A copy replayed just before the kill may be found sent by the second run.
+    assert states["replayed"] + states.get("resolved", 0) == 150
+    assert (await list_parked_total(db)) == 0
+
+
+async def list_parked_total(db: asyncpg.Connection) -> int:
+    return await _count(db, "SELECT COALESCE(sum(parked), 0) FROM parked_counts")
+
+
+async def test_a_message_delivered_meanwhile_is_not_sent_again(
+    amqp: AbstractRobustConnection, prefix: str, db: asyncpg.Connection,
+    sandbox: RunningSandbox, start_service: ServiceFactory, lot: Lot,
+) -> None:
+    await start_service()
+    await _park_through_pipeline(amqp, prefix, db, sandbox, {"late-1": "permission",
+                                                            "late-2": "permission"})
+    # A late webhook says late-1 was delivered after all.
+    await db.execute("UPDATE messages SET status = 'delivered', delivered_at = now()"
+                     " WHERE message_id = 'late-1'")
+    seen = len(sandbox.sandbox.received)
+    report = await replay(lot, ReplayOptions(Selection(all=True)), "test")
+    assert (report.replayed, report.already_delivered) == (1, 1)
+
+    async def sent() -> bool:
+        return await db.fetchval(
+            "SELECT status FROM messages WHERE message_id = 'late-2'") == "sent"
+
+    await wait_for(sent, timeout=15, what="late-2 sent")
+    assert [r.message_id for r in sandbox.sandbox.received[seen:]] == ["late-2"]
+    row = await db.fetchrow("SELECT state, resolution FROM parked_messages"
+                            " WHERE message_id = 'late-1'")
+    assert row["state"] == "resolved" and "delivered" in row["resolution"]
+    assert await db.fetchval("SELECT status FROM messages WHERE message_id = 'late-1'") == (
+        "delivered")
+    assert await queue_depth(amqp, Names(prefix).parked) == 0
+
+
+async def test_dry_run_changes_nothing(
+    amqp: AbstractRobustConnection, prefix: str, db_url: str, db: asyncpg.Connection,
+    lot: Lot,
+) -> None:
+    reqs = [(request(f"d-{i}", "http://127.0.0.1:9/x"), "invalid_request") for i in range(5)]
+    await park_directly(amqp, db, prefix, reqs)
+    await db.execute("UPDATE messages SET status = 'read' WHERE message_id = 'd-0'")
+
+    async def snapshot() -> tuple[object, ...]:
+        return (
+            [tuple(r) for r in await db.fetch(
+                "SELECT parked_id, state, replay_attempt, replay_body FROM parked_messages"
+                " ORDER BY parked_id")],
+            [tuple(r) for r in await db.fetch(
+                "SELECT message_id, status, attempts, updated_at FROM messages ORDER BY 1")],
+            await _count(db, "SELECT count(*) FROM message_actions"),
+            await _count(db, "SELECT count(*) FROM audit_log"),
+            parked_ids(await peek(Names(prefix).parked)),
+            await queue_depth(amqp, Names(prefix).send_queue("http")),
+        )
+
+    before = await snapshot()
+    report = await replay(lot, ReplayOptions(Selection(all=True), dry_run=True), "test")
+    assert (report.selected, report.replayed, report.already_delivered) == (5, 4, 1)
+    assert [i["action"] for i in report.items].count("replay") == 4
+    code, out, err = await herald_cli(herald_env(prefix, db_url), "parked", "replay", "--all",
+                                      "--dry-run")
+    assert code == 0, err
+    assert out.startswith("dry run: would replay 4 of 5 selected"), out
+    assert await snapshot() == before
+
+
+async def test_an_edited_body_is_what_the_provider_receives_and_the_edit_is_in_the_history(
+    amqp: AbstractRobustConnection, prefix: str, db_url: str, db: asyncpg.Connection,
+    sandbox: RunningSandbox, start_service: ServiceFactory, lot: Lot,
+) -> None:
+    await start_service()
+    await publish_all(amqp, prefix, [request("e-1", _recipient(sandbox, "invalid_request"),
+                                             body={"text": "Hi {name}"})])
+    await wait_parked(db, amqp, prefix, 1)
+    parked_id = await db.fetchval("SELECT parked_id FROM parked_messages")
+    code, out, err = await herald_cli(
+        herald_env(prefix, db_url), "parked", "replay", str(parked_id)[:8],
+        "--set-body", '{"text": "Hi Ada"}')
+    assert code == 0, (out, err)
+
+    async def sent() -> bool:
+        return await db.fetchval("SELECT status FROM messages WHERE message_id='e-1'") == "sent"
+
+    await wait_for(sent, timeout=15, what="e-1 sent")
+    bodies = [r.body for r in sandbox.sandbox.attempts_for("e-1")]
+    assert bodies == [{"text": "Hi {name}"}, {"text": "Hi Ada"}]
+    shown = await show(lot.pool, parked_id)
+    assert shown["body"]["body"] == {"text": "Hi {name}"}  # the original stays
+    assert shown["edited_body"]["body"] == {"text": "Hi Ada"}
+    (edit,) = [h for h in shown["history"] if h["kind"] == "edited"]
+    assert edit["old_body"] == {"text": "Hi {name}"} and edit["new_body"] == {"text": "Hi Ada"}
+    assert edit["actor"].startswith("cli")
+    kinds = [h["kind"] for h in shown["history"]]
+    assert kinds.index("parked") < kinds.index("edited") < kinds.index("replayed")
+    assert [(a["attempt"], a["outcome"]) for a in shown["attempts"]] == [
+        (1, "failed"), (2, "sent")]
+    payload = await db.fetchval("SELECT payload FROM messages WHERE message_id = 'e-1'")
+    assert json.loads(payload)["body"] == {"text": "Hi Ada"}
+    (audit_row,) = await db.fetch("SELECT source, action, affected, params FROM audit_log")
+    assert (audit_row["source"], audit_row["action"], audit_row["affected"]) == (
+        "cli", "parked.replay", 1)
+
+
+async def test_an_invalid_payload_is_replayed_only_with_a_new_request(
+    amqp: AbstractRobustConnection, prefix: str, db: asyncpg.Connection,
+    sandbox: RunningSandbox, start_service: ServiceFactory, lot: Lot,
+) -> None:
+    await start_service()
+    await publish_raw(amqp, prefix, "http", b"{not json")
+    await wait_parked(db, amqp, prefix, 1)
+    report = await replay(lot, ReplayOptions(Selection(all=True)), "test")
+    assert report.replayed == 0 and len(report.skipped) == 1 and not report.complete
+    assert "--set-request" in report.skipped[0]["why"]
+    assert await queue_depth(amqp, Names(prefix).parked) == 1
+
+    parked_id = await db.fetchval("SELECT parked_id FROM parked_messages")
+    fixed = json.dumps(request("fixed-1", sandbox.url("ok"))).encode()
+    report = await replay(lot, ReplayOptions(Selection(ids=(parked_id,)),
+                                             edit=Edit(request=fixed)), "test")
+    assert report.replayed == 1 and report.complete
+
+    async def sent() -> bool:
+        return await db.fetchval(
+            "SELECT status FROM messages WHERE message_id='fixed-1'") == "sent"
+
+    await wait_for(sent, timeout=15, what="fixed-1 sent")
+    assert sandbox.sandbox.accepted_counts() == Counter({"fixed-1": 1})
+    assert await queue_depth(amqp, Names(prefix).parked) == 0
+
+
+async def test_a_message_the_broker_parked_by_itself_is_indexed_by_sync_and_replayed(
+    amqp: AbstractRobustConnection, prefix: str, db_url: str, db: asyncpg.Connection,
+    sandbox: RunningSandbox, start_service: ServiceFactory, lot: Lot,
+) -> None:
+    names = Names(prefix)
+    await publish_all(amqp, prefix, [request("crashy-1", sandbox.url("ok"))])
+    # A consumer that keeps dying on it: the delivery limit dead-letters it to parked.
+    channel = await amqp.channel()
+    queue = await channel.get_queue(names.send_queue("http"), ensure=False)
+    for _ in range(100):
+        message = await queue.get(no_ack=False, fail=False)
+        if message is None:
+            if await queue_depth(amqp, names.parked) == 1:
+                break
+            await asyncio.sleep(0.05)
+            continue
+        await message.nack(requeue=True)
+    await channel.close()
+    assert await queue_depth(amqp, names.parked) == 1
+    env = herald_env(prefix, db_url)
+    code, out, _ = await herald_cli(env, "parked", "list")
+    assert code == 0 and "run `herald parked sync`" in out, out
+
+    code, out, err = await herald_cli(env, "parked", "sync")
+    assert code == 0, err
+    assert "indexed 1" in out
+    listing = await list_parked(lot.pool, Selection())
+    (row,) = listing.rows
+    assert (row.message_id, row.error_type, row.channel) == ("crashy-1", "other", "http")
+    assert row.error_code == "delivery_limit" and "kept failing" in (row.last_error or "")
+    code, out, _ = await herald_cli(env, "parked", "sync")
+    assert "indexed 0" in out  # the same id every time
+
+    await start_service()
+    report = await replay(lot, ReplayOptions(Selection(error_types=("other",))), "test")
+    assert report.replayed == 1
+
+    async def sent() -> bool:
+        return await db.fetchval(
+            "SELECT status FROM messages WHERE message_id='crashy-1'") == "sent"
+
+    await wait_for(sent, timeout=15, what="crashy-1 sent")
+    assert sandbox.sandbox.accepted_counts() == Counter({"crashy-1": 1})
+
+
+async def test_reject_cancels_with_the_reason_and_takes_the_copies_out(
+    amqp: AbstractRobustConnection, prefix: str, db_url: str, db: asyncpg.Connection,
+    lot: Lot,
+) -> None:
+    reqs = [(request(f"r-{i}", "http://127.0.0.1:9/x"), "invalid_request") for i in range(4)]
+    ids = await park_directly(amqp, db, prefix, reqs)
+    code, out, err = await herald_cli(herald_env(prefix, db_url), "parked", "reject",
+                                      str(ids[0]), str(ids[2])[:8], "--reason", "opted out")
+    assert code == 0, err
+    assert "rejected 2" in out
+    assert parked_ids(await peek(Names(prefix).parked)) == [str(ids[1]), str(ids[3])]
+    statuses = dict(await db.fetch("SELECT message_id, status FROM messages"))
+    assert statuses == {"r-0": "cancelled", "r-1": "failed", "r-2": "cancelled",
+                        "r-3": "failed"}
+    rows = await db.fetch("SELECT state, resolution FROM parked_messages"
+                          " WHERE parked_id = ANY($1)", [ids[0], ids[2]])
+    assert {tuple(r) for r in rows} == {("rejected", "opted out")}
+    actions = await db.fetch("SELECT action, detail FROM message_actions ORDER BY id")
+    assert [(a["action"], json.loads(a["detail"])["reason"]) for a in actions] == [
+        ("rejected", "opted out")] * 2
+    assert (await list_parked(lot.pool, Selection())).total == 2
+    # Rejecting again is refused per id, and changes nothing.
+    code, out, err = await herald_cli(herald_env(prefix, db_url), "parked", "reject",
+                                      str(ids[0]), "--reason", "again")
+    assert code == 1 and "not parked (state rejected)" in out
+
+
+async def test_purge_asks_then_removes_only_the_old_ones_and_sync_tidies_leftovers(
+    amqp: AbstractRobustConnection, prefix: str, db_url: str, db: asyncpg.Connection,
+) -> None:
+    reqs = [(request(f"o-{i}", "http://127.0.0.1:9/x"), "permission") for i in range(5)]
+    ids = await park_directly(amqp, db, prefix, reqs)
+    await db.execute("UPDATE parked_messages SET parked_at = now() - interval '40 days'"
+                     " WHERE parked_id = ANY($1)", [ids[0], ids[1]])
+    env = herald_env(prefix, db_url)
+    code, _, err = await herald_cli(env, "parked", "purge", "--older-than", "30d")
+    assert code == 2 and "--yes" in err  # not interactive: confirmation required
+    assert await queue_depth(amqp, Names(prefix).parked) == 5
+    code, out, err = await herald_cli(env, "parked", "purge", "--older-than", "30d", "--yes")
+    assert code == 0, err
+    assert "purged 2" in out
+    assert parked_ids(await peek(Names(prefix).parked)) == [str(i) for i in ids[2:]]
+    # A reject that died between marking its rows and taking the copies out:
+    # the next pass takes them out.
+    await db.execute("UPDATE parked_messages SET state = 'rejected' WHERE parked_id = $1",
+                     ids[3])
+    code, out, _ = await herald_cli(env, "parked", "sync")
+    assert "removed 1" in out
+    assert parked_ids(await peek(Names(prefix).parked)) == [str(ids[2]), str(ids[4])]
+
+
+async def test_every_parked_message_posts_a_notice(
+    amqp: AbstractRobustConnection, prefix: str, db: asyncpg.Connection,
+    sandbox: RunningSandbox, start_service: ServiceFactory,
+) -> None:
+    channel = await amqp.channel()
+    notices = await channel.declare_queue(exclusive=True)
+    await notices.bind(Names(prefix).notifications, "parked.#")
+    await start_service()
+    kinds = {"n-1": "invalid_request", "n-2": "permission", "n-3": "invalid_recipient"}
+    await _park_through_pipeline(amqp, prefix, db, sandbox, kinds)
+    got = []
+    for _ in range(3):
+        message = await notices.get(timeout=10, no_ack=True)
+        got.append((message.routing_key, json.loads(message.body)))
+    await channel.close()
+    assert sorted(key for key, _ in got) == [f"parked.http.{k}" for k in sorted(kinds.values())]
+    by_id = {str(r["parked_id"]): r["message_id"]
+             for r in await db.fetch("SELECT parked_id, message_id FROM parked_messages")}
+    for key, notice in got:
+        assert by_id[notice["parked_id"]] == notice["message_id"]
+        assert key == f"parked.http.{kinds[notice['message_id']]}"
+
+
+async def test_list_and_show_on_the_command_line_mask_recipients(
+    amqp: AbstractRobustConnection, prefix: str, db_url: str, db: asyncpg.Connection,
+) -> None:
+    phone = "+15551234567"
+    reqs = [({"message_id": f"s-{i}", "channel": "sms", "to": phone, "body": "code 1"},
+             kind) for i, kind in enumerate(["invalid_recipient", "permission", "permission"])]
+    ids = await park_directly(amqp, db, prefix, reqs)
+    env = herald_env(prefix, db_url)
+    code, out, err = await herald_cli(env, "parked", "list", "--error-type", "permission",
+                                      "--json")
+    assert code == 0, err
+    listing = json.loads(out)
+    assert listing["total"] == 2 and listing["by_error_type"] == {"permission": 2}
+    assert [i["id"] for i in listing["items"]] == [str(ids[1]), str(ids[2])]
+    code, out, _ = await herald_cli(env, "parked", "list", "--recipient", phone)
+    assert "3 parked: invalid_recipient 1, permission 2" in out
+    assert phone not in out and "+15*******67" in out
+    code, out, _ = await herald_cli(env, "parked", "show", str(ids[0]))
+    assert code == 0 and phone not in out and "+15*******67" in out
+    assert "history:" in out and "x-herald-parked-id" in out
+    code, out, _ = await herald_cli(env, "parked", "show", str(ids[0]), "--reveal", "--json")
+    assert json.loads(out)["body"]["to"] == phone
+    code, _, err = await herald_cli(env, "parked", "show", "0000000000")
+    assert code == 1 and err.startswith("herald: no parked message")
