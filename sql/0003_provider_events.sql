@@ -168,12 +168,13 @@ updated AS (
 )
 SELECT COALESCE(jsonb_agg(jsonb_build_object('idx', e.idx, 'outcome',
            CASE
-               WHEN EXISTS (SELECT 1 FROM covered c JOIN updated u USING (message_id)
-                             WHERE c.idx = e.idx) THEN 'applied'
+               -- Applied again (harmlessly) until the waiting sends are recorded.
                WHEN EXISTS (SELECT 1 FROM messages w
                              WHERE w.channel = 'messenger' AND w.recipient = e.recipient
-                               AND w.status IN ('queued', 'sending')
-                               AND w.sending_at <= e.watermark) THEN NULL
+                               AND w.status = 'sending' AND w.sending_at <= e.watermark)
+                   THEN NULL
+               WHEN EXISTS (SELECT 1 FROM covered c JOIN updated u USING (message_id)
+                             WHERE c.idx = e.idx) THEN 'applied'
                ELSE 'unchanged'
            END)), '[]'::jsonb)
   INTO v_watermarks
