@@ -60,6 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_operator_parsers(sub, _Parser)
 
+    status = sub.add_parser("status", help="a message's status and its history")
+    status.add_argument("message_id", help="the message's idempotency key")
+    status.add_argument("--json", action="store_true", help="print JSON")
+
     sandbox = sub.add_parser("sandbox", help="run local fake providers for demos and tests")
     sandbox.add_argument("--host", default="127.0.0.1")
     sandbox.add_argument("--port", type=int, help="default HERALD_SANDBOX_PORT (8090)")

@@ -40,6 +40,10 @@ async def dispatch(args: argparse.Namespace, settings: Settings) -> int:
         return 0
     if args.command == "publish":
         return await cmd_publish(args, settings)
+    if args.command == "status":
+        from consumer.status_cmd import cmd_status
+
+        return await cmd_status(args, settings)
     if args.command in ops_cmd.COMMANDS:
         return await ops_cmd.dispatch(args, settings)
     if args.command == "sandbox":

@@ -68,6 +68,7 @@ from consumer.pipeline import (
     HEADER_CHANNEL,
     HEADER_ERROR_CODE,
     HEADER_ERROR_TYPE,
+    HEADER_FIRST_SEEN,
     HEADER_LAST_ERROR,
     HEADER_MESSAGE_ID,
     HEADER_PARKED_AT,
@@ -446,7 +447,7 @@ class EventsConsumer:
         """
         failed: list[BaseException] = []
         async with self.pool.acquire() as conn, conn.transaction():
-            select = """SELECT a.*, m.payload, m.recipient, m.campaign_id
+            select = """SELECT a.*, m.payload, m.recipient, m.campaign_id, m.queued_at
                           FROM event_actions a JOIN messages m USING (message_id)
                          WHERE a.done_at IS NULL AND {where}
                          ORDER BY a.id LIMIT 500
@@ -477,9 +478,11 @@ class EventsConsumer:
                               code=action["error_code"])
         body = json.dumps(action["payload"]).encode()
         if action["kind"] == "resend":
+            headers = error_headers(error) | {HEADER_ATTEMPT: action["attempt"]}
+            if action["queued_at"] is not None:  # end-to-end time counts from the first sight
+                headers[HEADER_FIRST_SEEN] = action["queued_at"].timestamp()
             await self.publisher.publish_delayed(
-                action["channel"], body, action["delay_s"],
-                headers=error_headers(error) | {HEADER_ATTEMPT: action["attempt"]},
+                action["channel"], body, action["delay_s"], headers=headers,
                 message_id=action["message_id"],
             )
             metrics.RETRIED.labels(action["channel"], error.error_type.value).inc()

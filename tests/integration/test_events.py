@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import os
+import sys
 import time
 import uuid
 from collections import defaultdict
@@ -25,7 +27,7 @@ from consumer.publisher import Publisher
 from consumer.sandbox.callbacks import Callback, CallbackRecord, CallbackSender
 from consumer.topology import Names
 from schemas import ProviderEvent
-from tests.conftest import RunningSandbox
+from tests.conftest import REPO, RunningSandbox
 from tests.helpers import drain_queue, publish_all, queue_depth, wait_for
 from tests.integration.test_webhooks import HeraldFactory, start_herald
 
@@ -628,7 +630,7 @@ async def test_callback_before_the_send_is_committed_is_applied_once_it_is(
 
 
 async def test_undelivered_30003_is_sent_again_and_succeeds_30006_is_parked(
-    amqp: AbstractRobustConnection, prefix: str, db: asyncpg.Connection,
+    amqp: AbstractRobustConnection, prefix: str, db: asyncpg.Connection, db_url: str,
     sandbox: RunningSandbox, start_herald: HeraldFactory,
 ) -> None:
     await _through_sandbox(sandbox, start_herald, statuses=("sent", "delivered"))
@@ -665,3 +667,37 @@ async def test_undelivered_30003_is_sent_again_and_succeeds_30006_is_parked(
     (parked,) = await drain_queue(amqp, f"{prefix}.parked", expect=1, timeout=10)
     assert parked.headers["x-herald-error-type"] == "invalid_recipient"
     assert parked.headers["x-herald-message-id"] == "landline"
+
+    # herald status: the whole story, in time order.
+    code, out, err = await herald_cli(db_url, "status", "flaky")
+    assert code == 0, err
+    assert "status    delivered" in out and "attempts  2" in out
+    history = out.split("history\n", 1)[1].splitlines()
+    stamps = [line.split()[0] for line in history]
+    assert stamps == sorted(stamps)
+    text = "\n".join(history)
+    for expected in ("attempt 1 sent as SM", "twilio reported failed 30003 → retry",
+                     "attempt 1 retrying: provider_error 30003", "attempt 2 sent as SM",
+                     "twilio reported delivered → applied"):
+        assert expected in text, (expected, text)
+    assert "+15550003003" not in out  # masked
+    code, out, _ = await herald_cli(db_url, "status", "landline", "--json")
+    assert code == 0
+    story = json.loads(out)
+    assert story["message"]["status"] == "failed"
+    kinds = [(e["kind"], e.get("outcome") or e.get("state")) for e in story["history"]]
+    assert ("parked", "parked") in kinds and ("event", "park") in kinds
+    code, _, err = await herald_cli(db_url, "status", "nobody")
+    assert code == 1 and "no message 'nobody'" in err
+
+
+async def herald_cli(db_url: str, *args: str) -> tuple[int, str, str]:
+    """Run ``herald`` as a user does (without blocking the services in this loop)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HERALD_")}
+    env["HERALD_DATABASE_URL"] = db_url
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "consumer", *args, env=env, cwd=str(REPO),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), timeout=60)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
