@@ -31,6 +31,7 @@ label, how many messages), also when they fail.
 
 from __future__ import annotations
 
+import contextvars
 import hashlib
 import hmac
 import re
@@ -65,6 +66,8 @@ if TYPE_CHECKING:
 log = structlog.get_logger("herald.admin")
 
 _LABEL_RE = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,63}")
+# The label of the token the request in hand presented (set by the auth middleware).
+_caller: contextvars.ContextVar[str] = contextvars.ContextVar("herald_admin_caller")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -139,8 +142,12 @@ class AdminApi:
                         remote=request.remote)
             return web.json_response({"error": "unauthorized"}, status=401,
                                      headers={"WWW-Authenticate": 'Bearer realm="herald"'})
-        request["admin_label"] = label
-        return await handler(request)
+        token = _caller.set(label)
+        try:
+            with structlog.contextvars.bound_contextvars(admin=label):
+                return await handler(request)
+        finally:
+            _caller.reset(token)
 
     @web.middleware
     async def _errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -166,7 +173,7 @@ class AdminApi:
                        work: Callable[[], Awaitable[tuple[int, dict[str, Any]]]]
                        ) -> web.Response:
         """Run a mutating call and write its audit row, whether it worked or not."""
-        label = str(request["admin_label"])
+        label = _caller.get()
         try:
             affected, answer = await work()
         except Exception as exc:
@@ -272,7 +279,7 @@ class AdminApi:
             rate=float(rate) if rate is not None else None,
             reset_attempts=body.get("reset_attempts") is not False,
             edit=Edit(body=set_body) if set_body is not None else None)
-        label = str(request["admin_label"])
+        label = _caller.get()
         params = {"selection": selection.describe(), "dry_run": options.dry_run,
                   "rate": options.rate, "reset_attempts": options.reset_attempts,
                   "edited": set_body is not None}
@@ -291,7 +298,7 @@ class AdminApi:
         if not ids:
             raise LotError("ids: name at least one parked message")
         reason = _opt_str(body, "reason") or ""
-        label = str(request["admin_label"])
+        label = _caller.get()
 
         async def work() -> tuple[int, dict[str, Any]]:
             report = await reject(self.lot, ids, reason, label)

@@ -358,7 +358,7 @@ async def show(pool: asyncpg.Pool, parked_id: uuid.UUID, *, reveal: bool = False
     }
     history: list[dict[str, Any]] = []
     for a in attempts or []:
-        history.append({"at": a["finished_at"].isoformat(), "kind": "attempt",
+        history.append({"at": a["started_at"].isoformat(), "kind": "attempt",
                         "attempt": a["attempt"], "outcome": a["outcome"],
                         "error_type": a["error_type"], "error_code": a["error_code"],
                         "error": a["error_text"]})
