@@ -35,16 +35,23 @@ class Batcher(Generic[Item, Result]):
         self._max_batch = max_batch
         self._name = name
         self._pending: list[tuple[Item, asyncio.Future[Result]]] = []
+        self._urgent = 0  # how many at the front of _pending are urgent
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._size = metrics.DB_BATCH_SIZE.labels(name)
         self._seconds = metrics.DB_BATCH_SECONDS.labels(name)
 
-    async def submit(self, item: Item) -> Result:
+    async def submit(self, item: Item, *, urgent: bool = False) -> Result:
+        """Queue ``item`` for the next batch; ``urgent`` ones go to the front of it
+        (a transactional message does not wait behind a campaign's writes)."""
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._run(), name=f"batcher-{self._name}")
         future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
-        self._pending.append((item, future))
+        if urgent:
+            self._pending.insert(self._urgent, (item, future))
+            self._urgent += 1
+        else:
+            self._pending.append((item, future))
         self._wakeup.set()
         return await future
 
@@ -55,6 +62,7 @@ class Batcher(Generic[Item, Result]):
             while self._pending:
                 batch = self._pending[: self._max_batch]
                 del self._pending[: self._max_batch]
+                self._urgent = max(0, self._urgent - len(batch))
                 live = [(item, fut) for item, fut in batch if not fut.cancelled()]
                 if not live:
                     continue

@@ -212,7 +212,7 @@ class Pipeline:
                                          "daily_limit", lane)
         if self.hooks is not None:
             await self.hooks.acquire(channel, lane)
-        claim = await self._claim(request, message.body, attempt)
+        claim = await self._claim(request, message.body, attempt, urgent=lane == "main")
         if claim is None:
             metrics.DUPLICATES.labels(channel).inc()
             return Outcome("duplicate", request.message_id, attempt)
@@ -255,7 +255,7 @@ class Pipeline:
                 lambda: self.store.record(
                     message_id=request.message_id, attempt=attempt, outcome="sent",
                     started_at=started, latency_ms=latency_ms, provider=provider.name,
-                    provider_message_id=provider_message_id,
+                    provider_message_id=provider_message_id, urgent=lane == "main",
                 ),
             )
             metrics.SENT.labels(channel).inc()
@@ -338,7 +338,9 @@ class Pipeline:
         metrics.DEFERRED.labels(request.channel, f"lane_{lane}").inc()
         return Outcome("diverted", request.message_id, attempt)
 
-    async def _claim(self, request: SendRequest, body: bytes, attempt: int) -> bool | None:
+    async def _claim(
+        self, request: SendRequest, body: bytes, attempt: int, *, urgent: bool
+    ) -> bool | None:
         """Claim the attempt; True to send, None when this copy must not be sent."""
         while True:
             claim = await self._infra(
@@ -347,7 +349,7 @@ class Pipeline:
                     message_id=request.message_id, channel=request.channel,
                     recipient=request.to, campaign_id=request.campaign_id,
                     payload_json=body.decode("utf-8"), attempt=attempt, owner=self.instance_id,
-                    lease_s=self.lease_s,
+                    lease_s=self.lease_s, urgent=urgent,
                 ),
                 before_send=True,
             )

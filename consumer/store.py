@@ -94,7 +94,7 @@ class Store:
 
     CAMPAIGN_CACHE_S = 30.0
 
-    def __init__(self, pool: asyncpg.Pool, *, max_batch: int = 500) -> None:
+    def __init__(self, pool: asyncpg.Pool, *, max_batch: int = 200) -> None:
         self.pool = pool
         self._claims: Batcher[dict[str, Any], Claim] = Batcher(
             self._claim_many, max_batch=max_batch, name="claims")
@@ -117,6 +117,7 @@ class Store:
         attempt: int,
         owner: str,
         lease_s: float,
+        urgent: bool = False,
     ) -> Claim:
         """Claim attempt ``attempt`` of a message (see ``herald_claim`` in sql/0001).
 
@@ -127,7 +128,7 @@ class Store:
             "message_id": message_id, "channel": channel, "recipient": recipient,
             "campaign_id": campaign_id, "payload_json": payload_json, "attempt": attempt,
             "owner": owner, "lease_s": lease_s,
-        })
+        }, urgent=urgent)
 
     async def _claim_many(self, items: Sequence[dict[str, Any]]) -> list[Claim]:
         results: list[Claim | None] = [None] * len(items)
@@ -165,6 +166,7 @@ class Store:
         error_code: str | None = None,
         error_text: str | None = None,
         next_attempt_at: datetime | None = None,
+        urgent: bool = False,
     ) -> str:
         """Record an attempt's outcome; returns the message's status afterwards."""
         return await self._records.submit({
@@ -174,7 +176,7 @@ class Store:
             "error_type": error_type, "error_code": error_code,
             "error_text": None if error_text is None else error_text[:2000],
             "next_attempt_at": None if next_attempt_at is None else next_attempt_at.isoformat(),
-        })
+        }, urgent=urgent)
 
     async def _record_many(self, items: Sequence[dict[str, Any]]) -> list[str]:
         results: list[str] = [""] * len(items)

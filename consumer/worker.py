@@ -149,7 +149,10 @@ class ChannelControl:
     ) -> None:
         self.channel_name = channel_name
         self.prefetch = prefetch
-        self.lanes = [LaneConsumer(connection, names, channel_name, lane, pipeline, prefetch)
+        # Campaign traffic gets half the in-flight budget, so a burst of it cannot
+        # crowd out the event loop that transactional messages also need.
+        self.lanes = [LaneConsumer(connection, names, channel_name, lane, pipeline,
+                                   prefetch if lane == "main" else max(1, prefetch // 2))
                       for lane in LANES]
         self.pause = pause or PauseState()
         self.limiter = RateLimiter(rate)
@@ -231,7 +234,7 @@ class ChannelControl:
     async def _restore_prefetch(self) -> None:
         async with self._control:
             for lane in self.lanes:
-                await lane.set_prefetch(self.prefetch)
+                await lane.set_prefetch(lane.prefetch)
 
     async def stop_consuming(self) -> None:
         self._stopped = True
