@@ -18,6 +18,7 @@ from pydantic import ValidationError
 from consumer import ops_cmd
 from consumer.errors import ConfigError
 from consumer.migrate import migrate
+from consumer.pipeline import lane_of
 from consumer.publisher import Publisher
 from consumer.settings import Settings
 from consumer.topology import Names, Topology, declare_all, export_json
@@ -174,6 +175,8 @@ async def cmd_publish(args: argparse.Namespace, settings: Settings) -> int:
                 publisher.publish_send(
                     r.channel, r.model_dump_json(exclude_none=True).encode(),
                     message_id=r.message_id,
+                    # Campaign traffic goes straight to the channel's bulk lane.
+                    lane=lane_of(r, None),
                 )
                 for r in chunk
             ))

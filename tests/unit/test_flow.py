@@ -1,0 +1,99 @@
+"""Pure parts of flow control: token bucket, adaptive rate, breaker, lanes, windows."""
+
+from __future__ import annotations
+
+from datetime import UTC, date, datetime, time
+
+import pytest
+
+from consumer.flow import AdaptiveRate, Breaker, TokenBucket
+from consumer.pipeline import lane_of
+from consumer.quota import day_bounds, local_day, next_day_start, quiet_until, zone
+from consumer.store import Campaign
+from schemas import SendRequest
+
+
+def test_bucket_starts_empty_and_accrues_at_the_rate() -> None:
+    bucket = TokenBucket.empty(rate=50, now=0.0)
+    assert bucket.take(0.0) == pytest.approx(1 / 50)
+    assert bucket.take(0.02) == 0.0
+    # A long idle period fills it to one second's worth, not more.
+    bucket.refill(100.0)
+    assert bucket.tokens == 50
+    assert all(bucket.take(100.0) == 0.0 for _ in range(50))
+    assert bucket.take(100.0) > 0
+
+
+def test_adaptive_rate_cuts_once_a_second_and_climbs_back_to_the_ceiling() -> None:
+    rate = AdaptiveRate(configured=100)
+    assert rate.on_rate_limited(10.0) and rate.current == pytest.approx(70)
+    assert not rate.on_rate_limited(10.5)  # the same burst of 429s
+    assert rate.on_rate_limited(11.0) and rate.current == pytest.approx(49)
+    now = 11.0
+    for _ in range(20):
+        now += 1.0
+        rate.on_sent(now)
+    assert rate.current == 100  # never above the configured rate
+
+
+def test_adaptive_rate_on_an_unlimited_channel_starts_from_what_it_observed() -> None:
+    rate = AdaptiveRate(configured=None)
+    for i in range(80):
+        rate.on_sent(5.0 + i / 100)
+    assert rate.on_rate_limited(5.9)
+    assert rate.current == pytest.approx(80 * 0.7)
+
+
+def test_breaker_needs_a_run_across_recipients() -> None:
+    breaker = Breaker(threshold=5, min_recipients=3)
+    assert not any(breaker.failure("+15550000001") for _ in range(20))  # one recipient
+    breaker.success()
+    results = [breaker.failure(f"+1555000000{i % 3}") for i in range(5)]
+    assert results == [False, False, False, False, True]
+    breaker.success()
+    assert not breaker.failure("+15550000001")
+
+
+def _request(**extra: object) -> SendRequest:
+    return SendRequest.model_validate(
+        {"message_id": "m", "channel": "sms", "to": "+15551234567", "body": "x", **extra})
+
+
+def test_lanes() -> None:
+    campaign = Campaign("c", None, None, None, None)
+    urgent = Campaign("c", None, None, None, None, priority="high")
+    assert lane_of(_request(), None) == "main"
+    assert lane_of(_request(campaign_id="c"), campaign) == "bulk"
+    assert lane_of(_request(campaign_id="c", priority="high"), campaign) == "main"
+    assert lane_of(_request(campaign_id="c"), urgent) == "main"
+    assert lane_of(_request(campaign_id="c", priority="normal"), urgent) == "bulk"
+
+
+def test_days_follow_the_campaigns_timezone() -> None:
+    tz = zone("America/New_York")
+    now = datetime(2026, 11, 24, 3, 0, tzinfo=UTC)  # 22:00 the day before in New York
+    assert local_day(now, tz) == date(2026, 11, 23)
+    assert next_day_start(now, tz) == datetime(2026, 11, 24, 5, 0, tzinfo=UTC)
+    start, end = day_bounds(date(2026, 11, 23), tz)
+    assert (end - start).total_seconds() == 86400
+    assert zone("Not/AZone").key == "UTC"
+
+
+@pytest.mark.parametrize("clock,expected", [
+    (time(21, 59), None),
+    (time(22, 0), datetime(2026, 11, 24, 7, 0, tzinfo=UTC)),
+    (time(23, 30), datetime(2026, 11, 24, 7, 0, tzinfo=UTC)),
+    (time(6, 59), datetime(2026, 11, 23, 7, 0, tzinfo=UTC)),
+    (time(7, 0), None),
+])
+def test_quiet_hours_across_midnight(clock: time, expected: datetime | None) -> None:
+    day = date(2026, 11, 23)
+    now = datetime.combine(day, clock, UTC)
+    assert quiet_until(now, zone("UTC"), time(22, 0), time(7, 0)) == expected
+
+
+def test_quiet_hours_within_a_day_and_unset() -> None:
+    now = datetime(2026, 11, 23, 13, 0, tzinfo=UTC)
+    assert quiet_until(now, zone("UTC"), time(12), time(14)) == datetime(
+        2026, 11, 23, 14, 0, tzinfo=UTC)
+    assert quiet_until(now, zone("UTC"), None, time(14)) is None
