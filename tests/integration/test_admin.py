@@ -20,7 +20,7 @@ from consumer.settings import Settings
 from consumer.topology import Names
 from tests.conftest import RunningSandbox
 from tests.helpers import publish_all, queue_depth, request, wait_for
-from tests.integration.parking import park_directly, wait_parked
+from tests.integration.operator_tools import park_directly, wait_parked
 
 OPS_TOKEN = "ops-7c1f0b2e9d4a4e55"
 BARE_TOKEN = "bare-0d6f3a81c2b94f17"

@@ -3,10 +3,7 @@ campaign defaults inherited by messages, herald publish --csv."""
 
 from __future__ import annotations
 
-import asyncio
 import json
-import os
-import sys
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -18,17 +15,9 @@ from consumer.settings import Settings
 from consumer.stats import statistics
 from consumer.store import create_pool
 from consumer.topology import Names
-from tests.conftest import REPO, RunningSandbox, ServiceFactory, herald_env
+from tests.conftest import RunningSandbox, ServiceFactory, herald_env
 from tests.helpers import publish_all, queue_depth, request, wait_for
-
-
-async def herald_cli(env: dict[str, str], *args: str) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "consumer", *args, env={**os.environ, **env}, cwd=str(REPO),
-        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE)
-    out, err = await asyncio.wait_for(proc.communicate(), 120)
-    return int(proc.returncode or 0), out.decode(), err.decode()
+from tests.integration.operator_tools import herald_cli
 
 
 def _from_sandbox(sandbox: RunningSandbox, ids: set[str]) -> dict[str, Any]:

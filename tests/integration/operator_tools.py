@@ -1,10 +1,12 @@
-"""Helpers for the operator-tool tests: filling the parking lot, peeking at
-its order without changing it, and the Lot of a test's prefix and schema."""
+"""Helpers for the operator-tool tests: the herald CLI as a child process,
+filling the parking lot, and peeking at its order without changing it."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
+import sys
 import uuid
 from collections.abc import Iterable
 from datetime import UTC, datetime
@@ -16,8 +18,19 @@ from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 
 from consumer.publisher import Publisher
 from consumer.topology import Names
-from tests.conftest import AMQP_URL
+from tests.conftest import AMQP_URL, REPO
 from tests.helpers import queue_depth, wait_for
+
+
+async def herald_cli(env: dict[str, str], *args: str) -> tuple[int, str, str]:
+    """``python -m consumer ARGS`` with the test's environment, to completion:
+    (exit code, stdout, stderr)."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "consumer", *args, env={**os.environ, **env}, cwd=str(REPO),
+        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), 120)
+    return int(proc.returncode or 0), out.decode(), err.decode()
 
 
 async def park_directly(
