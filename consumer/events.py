@@ -45,6 +45,7 @@ import json
 import math
 import time
 import uuid
+from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -329,8 +330,7 @@ class EventsConsumer:
         self._batch_seconds.observe(time.perf_counter() - started)
         if actions:
             await self._retrying("broker", lambda: self.run_actions(actions))
-        for message, _, _ in decoded:
-            await _ack(message)
+        await _ack_batch([message for message, _, _ in decoded])
 
     async def apply(self, items: list[dict[str, Any]]) -> list[int]:
         """Apply events in one transaction; returns the ids of the actions to carry out."""
@@ -346,11 +346,14 @@ class EventsConsumer:
         if failures:
             decided, actions = await self._decide_failures(conn, failures)
         by_idx = {r["idx"]: r for r in rows}
+        counts: Counter[tuple[str, str, str]] = Counter()
         for item in items:
             row = by_idx.get(item["idx"])
             result = ("redelivered" if row is None
                       else decided.get(row["row_id"]) or row["outcome"] or "pending")
-            metrics.EVENTS_APPLIED.labels(item["provider"], item["status"], result).inc()
+            counts[(item["provider"], item["status"], result)] += 1
+        for labels, count in counts.items():
+            metrics.EVENTS_APPLIED.labels(*labels).inc(count)
         return actions
 
     async def _decide_failures(
@@ -622,8 +625,22 @@ class EventsConsumer:
                 delay = min(delay * 2, 5.0)
 
 
-async def _ack(message: AbstractIncomingMessage) -> None:
+async def _ack(message: AbstractIncomingMessage, *, multiple: bool = False) -> None:
     try:
-        await message.ack()
+        await message.ack(multiple=multiple)
     except Exception as exc:  # the channel died: the broker redelivers, the event_id dedupes
         log.warning("events.ack_lost", error=repr(exc)[:200])
+
+
+async def _ack_batch(messages: Sequence[AbstractIncomingMessage]) -> None:
+    """Ack a processed batch with one ``multiple`` ack per AMQP channel.
+
+    Deliveries are processed in the order they arrived, so every earlier
+    delivery of the channel is done (or was acked on its own as invalid,
+    which is never the last one acked here).
+    """
+    last: dict[int, AbstractIncomingMessage] = {}
+    for message in messages:
+        last[id(message.channel)] = message
+    for message in last.values():
+        await _ack(message, multiple=True)

@@ -181,6 +181,8 @@ SELECT COALESCE(jsonb_agg(jsonb_build_object('idx', e.idx, 'outcome',
   FROM ev e;
 
 -- 2. Events naming a provider message id, then storing every event with its outcome.
+-- Each step carries the columns forward (window functions, no joins back),
+-- so the plan stays linear in the batch size.
 RETURN QUERY
 WITH ev AS (
     SELECT x.*
@@ -192,8 +194,7 @@ WITH ev AS (
 ),
 locked AS (
     SELECT m.message_id, m.provider, m.provider_message_id, m.status, m.channel, m.recipient,
-           m.attempts, m.campaign_id, m.payload, m.delivered_at, m.delivered_implied,
-           m.read_at
+           m.attempts, m.campaign_id, m.payload, m.delivered_implied
       FROM messages m
      WHERE m.provider_message_id IS NOT NULL
        AND (m.provider, m.provider_message_id) IN (
@@ -202,48 +203,61 @@ locked AS (
      ORDER BY m.message_id
        FOR UPDATE
 ),
-matched AS (
-    SELECT DISTINCT ON (e.idx) e.idx, e.status AS ev_status, e.occurred_at AS ev_at,
-           l.message_id, l.status AS m_status, l.delivered_at, l.delivered_implied
+-- Every event with the message its id names (if any).
+base AS (
+    SELECT DISTINCT ON (e.idx) e.*, l.message_id AS m_id, l.status AS m_status,
+           l.delivered_implied AS m_implied, l.channel AS m_channel,
+           l.recipient AS m_recipient, l.attempts AS m_attempts,
+           l.campaign_id AS m_campaign_id, l.payload AS m_payload
       FROM ev e
-      JOIN locked l ON l.provider = e.provider AND l.provider_message_id = e.provider_message_id
+      LEFT JOIN locked l ON l.provider = e.provider
+                        AND l.provider_message_id = e.provider_message_id
      ORDER BY e.idx, l.message_id
 ),
-first_terminal AS (
-    SELECT DISTINCT ON (mt.message_id) mt.message_id, mt.idx AS t_idx, mt.ev_status AS t_status
-      FROM matched mt
-     WHERE mt.ev_status IN ('delivered', 'read', 'failed') AND mt.m_status = 'sent'
-     ORDER BY mt.message_id, mt.idx
+-- Per message, the first failure and the first success report of this batch.
+firsts AS (
+    SELECT b.*,
+           min(b.idx) FILTER (WHERE b.status = 'failed') OVER w AS first_fail,
+           min(b.idx) FILTER (WHERE b.status IN ('delivered', 'read')) OVER w AS first_ok
+      FROM base b
+    WINDOW w AS (PARTITION BY b.m_id)
 ),
 verdicts AS (
-    SELECT mt.*,
+    SELECT f.*,
            CASE
-               WHEN mt.m_status NOT IN ('sent', 'delivered', 'read') THEN 'superseded'
-               WHEN mt.ev_status = 'failed' THEN
-                   CASE WHEN ft.t_status IS DISTINCT FROM 'failed' THEN 'ignored'
-                        WHEN ft.t_idx = mt.idx THEN 'failure'
+               WHEN f.m_id IS NULL THEN NULL
+               WHEN f.m_status NOT IN ('sent', 'delivered', 'read') THEN 'superseded'
+               WHEN f.status = 'failed' THEN
+                   CASE WHEN f.m_status <> 'sent' OR f.first_ok < f.first_fail THEN 'ignored'
+                        WHEN f.idx = f.first_fail THEN 'failure'
                         ELSE 'unchanged' END
-               WHEN mt.ev_status = 'sent' THEN 'unchanged'
-               WHEN ft.t_status = 'failed' THEN 'superseded'
+               WHEN f.status = 'sent' THEN 'unchanged'
+               WHEN f.m_status = 'sent' AND f.first_fail < f.first_ok THEN 'superseded'
                ELSE 'success'
            END AS verdict
-      FROM matched mt LEFT JOIN first_terminal ft USING (message_id)
+      FROM firsts f
 ),
-agg AS (
-    SELECT v.message_id,
-           min(v.ev_at) FILTER (WHERE v.ev_status = 'delivered') AS d_at,
-           min(v.ev_at) FILTER (WHERE v.ev_status = 'read') AS r_at,
-           min(v.idx) FILTER (WHERE v.ev_status = 'delivered') AS d_idx,
-           min(v.idx) FILTER (WHERE v.ev_status = 'read') AS r_idx,
-           min(v.m_status) AS old_status,
-           bool_or(v.delivered_implied) AS old_implied
-      FROM verdicts v WHERE v.verdict = 'success'
-     GROUP BY v.message_id
+-- Per message, what its success reports say (earliest time of each status).
+success AS (
+    SELECT v.*,
+           min(v.occurred_at) FILTER (WHERE v.verdict = 'success' AND v.status = 'delivered')
+               OVER w AS d_at,
+           min(v.occurred_at) FILTER (WHERE v.verdict = 'success' AND v.status = 'read')
+               OVER w AS r_at,
+           min(v.idx) FILTER (WHERE v.verdict = 'success' AND v.status = 'delivered')
+               OVER w AS d_idx,
+           min(v.idx) FILTER (WHERE v.verdict = 'success' AND v.status = 'read')
+               OVER w AS r_idx
+      FROM verdicts v
+    WINDOW w AS (PARTITION BY v.m_id)
 ),
 changes AS (
-    SELECT a.* FROM agg a
-     WHERE (a.r_at IS NOT NULL AND a.old_status <> 'read')
-        OR (a.d_at IS NOT NULL AND (a.old_status = 'sent' OR a.old_implied))
+    SELECT DISTINCT ON (s.m_id) s.m_id, s.d_at, s.r_at
+      FROM success s
+     WHERE s.verdict = 'success'
+       AND ((s.r_at IS NOT NULL AND s.m_status <> 'read')
+            OR (s.d_at IS NOT NULL AND (s.m_status = 'sent' OR s.m_implied)))
+     ORDER BY s.m_id
 ),
 updated AS (
     UPDATE messages m SET
@@ -262,52 +276,50 @@ updated AS (
             ELSE m.delivered_implied END,
         updated_at = now()
       FROM changes c
-     WHERE m.message_id = c.message_id
+     WHERE m.message_id = c.m_id
     RETURNING m.message_id
 ),
 -- An unmatched id that an earlier event tied to a message: that message has
 -- moved on to a newer attempt (a failure report re-sent it).
 earlier AS (
-    SELECT DISTINCT ON (e.idx) e.idx, p.message_id
-      FROM ev e
-      JOIN provider_events p ON p.provider = e.provider
-                            AND p.provider_message_id = e.provider_message_id
+    SELECT DISTINCT ON (s.idx) s.idx, p.message_id
+      FROM success s
+      JOIN provider_events p ON p.provider = s.provider
+                            AND p.provider_message_id = s.provider_message_id
                             AND p.message_id IS NOT NULL
-     WHERE e.provider_message_id IS NOT NULL
-       AND NOT EXISTS (SELECT 1 FROM matched mt WHERE mt.idx = e.idx)
-     ORDER BY e.idx, p.id
+     WHERE s.m_id IS NULL AND s.provider_message_id IS NOT NULL
+     ORDER BY s.idx, p.id
 ),
 outcomes AS (
-    SELECT e.idx,
-           COALESCE(v.message_id, er.message_id) AS message_id,
+    SELECT s.*,
+           COALESCE(s.m_id, er.message_id) AS message_id,
            CASE
-               WHEN v.verdict = 'success' THEN
-                   CASE WHEN e.status = 'read' AND e.idx = c.r_idx THEN 'applied'
-                        WHEN e.status = 'delivered' AND e.idx = c.d_idx
-                             AND (c.old_status = 'sent' OR c.old_implied) THEN 'applied'
+               WHEN s.verdict = 'success' THEN
+                   CASE WHEN s.status = 'read' AND s.idx = s.r_idx AND s.m_status <> 'read'
+                            THEN 'applied'
+                        WHEN s.status = 'delivered' AND s.idx = s.d_idx
+                             AND (s.m_status = 'sent' OR s.m_implied) THEN 'applied'
                         WHEN w.outcome = 'applied' THEN 'applied'
                         ELSE 'unchanged' END
-               WHEN v.verdict IS NOT NULL THEN v.verdict
+               WHEN s.verdict IS NOT NULL THEN s.verdict
                WHEN er.message_id IS NOT NULL THEN 'superseded'
-               WHEN e.provider_message_id IS NOT NULL THEN NULL
+               WHEN s.provider_message_id IS NOT NULL THEN NULL
                ELSE w.outcome
            END AS outcome
-      FROM ev e
-      LEFT JOIN verdicts v ON v.idx = e.idx
-      LEFT JOIN changes c ON c.message_id = v.message_id
-      LEFT JOIN earlier er ON er.idx = e.idx
+      FROM success s
+      LEFT JOIN earlier er ON er.idx = s.idx
       LEFT JOIN jsonb_to_recordset(v_watermarks) AS w(idx integer, outcome text)
-             ON w.idx = e.idx
+             ON w.idx = s.idx
 ),
 inserted AS (
     INSERT INTO provider_events (event_id, provider, provider_message_id, status, occurred_at,
                                  recipient, error_code, error_text, watermark, raw,
                                  message_id, outcome, applied_at)
-    SELECT e.event_id, e.provider, e.provider_message_id, e.status, e.occurred_at,
-           e.recipient, e.error_code, e.error_text, e.watermark, e.raw,
+    SELECT o.event_id, o.provider, o.provider_message_id, o.status, o.occurred_at,
+           o.recipient, o.error_code, o.error_text, o.watermark, o.raw,
            o.message_id, o.outcome, CASE WHEN o.outcome IS NOT NULL THEN now() END
-      FROM ev e JOIN outcomes o USING (idx)
-     WHERE e.id IS NULL
+      FROM outcomes o
+     WHERE o.id IS NULL
     ON CONFLICT (event_id) DO NOTHING
     RETURNING provider_events.id, provider_events.event_id
 ),
@@ -316,18 +328,19 @@ restored AS (
         message_id = COALESCE(o.message_id, p.message_id),
         outcome = o.outcome,
         applied_at = CASE WHEN o.outcome IS NOT NULL THEN now() END
-      FROM ev e JOIN outcomes o USING (idx)
-     WHERE e.id IS NOT NULL AND p.id = e.id AND p.outcome IS NULL
+      FROM outcomes o
+     WHERE o.id IS NOT NULL AND p.id = o.id AND p.outcome IS NULL
     RETURNING p.id
 )
-SELECT e.idx, COALESCE(e.id, i.id), o.outcome, o.message_id,
-       l.channel, l.recipient, l.attempts, l.campaign_id,
-       CASE WHEN o.outcome = 'failure' THEN l.payload END,
-       e.provider, e.provider_message_id, e.error_code, e.error_text, e.occurred_at
-  FROM ev e
-  JOIN outcomes o USING (idx)
-  LEFT JOIN inserted i ON i.event_id = e.event_id
-  LEFT JOIN locked l ON l.message_id = o.message_id
- ORDER BY e.idx;
+-- The stored row's id is only needed (and only looked up) for failures.
+SELECT o.idx,
+       CASE WHEN o.outcome = 'failure'
+            THEN COALESCE(o.id, (SELECT i.id FROM inserted i WHERE i.event_id = o.event_id))
+       END,
+       o.outcome, o.message_id, o.m_channel, o.m_recipient, o.m_attempts, o.m_campaign_id,
+       CASE WHEN o.outcome = 'failure' THEN o.m_payload END,
+       o.provider, o.provider_message_id, o.error_code, o.error_text, o.occurred_at
+  FROM outcomes o
+ ORDER BY o.idx;
 END;
 $$;
