@@ -74,6 +74,12 @@ def count(text: str) -> int:
     return int(text)
 
 
+def natural(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number")
+    return int(text)
+
+
 def add_parsers(sub: Any, parser_class: type[argparse.ArgumentParser]) -> None:
     """The operator subcommands, on the ``herald`` parser's subparsers."""
 
@@ -95,7 +101,7 @@ def add_parsers(sub: Any, parser_class: type[argparse.ArgumentParser]) -> None:
     p = psub.add_parser("list", help="parked messages with counts per error_type")
     filters(p)
     p.add_argument("--limit", type=count, default=50)
-    p.add_argument("--offset", type=int, default=0)
+    p.add_argument("--offset", type=natural, default=0)
     p.add_argument("--newest-first", action="store_true", help="default: queue order")
     as_json(p)
     p = psub.add_parser("show", help="one parked message: body, headers, full history")
