@@ -64,6 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("message_id", help="the message's idempotency key")
     status.add_argument("--json", action="store_true", help="print JSON")
 
+    demo = sub.add_parser("demo", help="send a sample campaign through a running Herald and "
+                          "the sandbox, with a live view")
+    demo.add_argument("--sandbox-url", help="default http://127.0.0.1:$HERALD_SANDBOX_PORT")
+    demo.add_argument("--timeout", type=float, default=120.0, help="seconds to watch at most")
+
     sandbox = sub.add_parser("sandbox", help="run local fake providers for demos and tests")
     sandbox.add_argument("--host", default="127.0.0.1")
     sandbox.add_argument("--port", type=int, help="default HERALD_SANDBOX_PORT (8090)")

@@ -47,10 +47,16 @@ async def dispatch(args: argparse.Namespace, settings: Settings) -> int:
         return await cmd_status(args, settings)
     if args.command in ops_cmd.COMMANDS:
         return await ops_cmd.dispatch(args, settings)
+    if args.command == "demo":
+        from consumer.demo import run_demo
+
+        url = args.sandbox_url or f"http://127.0.0.1:{settings.sandbox_port}"
+        return await run_demo(settings, sandbox_url=url.rstrip("/"), timeout_s=args.timeout)
     if args.command == "sandbox":
         from consumer.sandbox.app import serve
 
-        await serve(args.host, args.port if args.port is not None else settings.sandbox_port)
+        await serve(args.host, args.port if args.port is not None else settings.sandbox_port,
+                    settings.public_url)
         return 0
     raise AssertionError(args.command)
 

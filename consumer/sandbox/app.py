@@ -202,8 +202,12 @@ class Sandbox:
         return web.json_response({"status": "reset"})
 
 
-async def serve(host: str, port: int) -> None:
-    sandbox = Sandbox()
+async def serve(host: str, port: int, public_url: str | None = None) -> None:
+    """Serve the sandbox; with ``public_url``, its Meta status callbacks go to that
+    Herald's webhooks (Twilio's go wherever each request's StatusCallback says)."""
+    from consumer.sandbox.callbacks import CallbackConfig as Callbacks
+
+    sandbox = Sandbox(callbacks=Callbacks.for_herald(public_url) if public_url else None)
     runner = web.AppRunner(sandbox.app, access_log=None, handler_cancellation=True)
     await runner.setup()
     await web.TCPSite(runner, host, port).start()

@@ -25,9 +25,37 @@ trap 'exit 143' TERM
 
 "$HERALD" migrate
 
-"$HERALD" sandbox &
+# Point Herald at the sandbox's fake Twilio, WhatsApp and Messenger (and give it
+# the sandbox's credentials and webhook secrets), unless the caller set them.
+SANDBOX_PORT="${HERALD_SANDBOX_PORT:-8090}"
+while IFS= read -r line; do
+    name="${line#export }"; name="${name%%=*}"
+    [[ -n "${!name:-}" ]] || eval "$line"
+done < <("$REPO/.venv/bin/python" -m consumer.sandbox "$SANDBOX_PORT")
+export HERALD_PUBLIC_URL="${HERALD_PUBLIC_URL:-http://127.0.0.1:${HERALD_HTTP_PORT:-8080}}"
+export HERALD_ADMIN_TOKEN="${HERALD_ADMIN_TOKEN:-demo-admin-token}"
+
+"$HERALD" sandbox --port "$SANDBOX_PORT" > "$REPO/.local/sandbox.log" 2>&1 &
 children+=($!)
 
-"$HERALD" run "$@" &
-children+=($!)
-wait "$!"
+"$HERALD" run "$@" > "$REPO/.local/herald.log" 2>&1 &
+herald_pid=$!
+children+=("$herald_pid")
+
+ready="http://127.0.0.1:${HERALD_HTTP_PORT:-8080}/readyz"
+for _ in $(seq 1 120); do
+    curl -fsS "$ready" > /dev/null 2>&1 && break
+    kill -0 "$herald_pid" 2>/dev/null || die "herald run stopped; see .local/herald.log"
+    sleep 0.5
+done
+curl -fsS "$ready" > /dev/null || die "herald run not ready after 60 s; see .local/herald.log"
+echo "herald is running (logs: .local/herald.log, sandbox: .local/sandbox.log)"
+echo
+
+if [[ -z "${HERALD_NO_DEMO:-}" ]]; then
+    "$HERALD" demo --sandbox-url "http://127.0.0.1:$SANDBOX_PORT" || true
+fi
+echo
+echo "Herald keeps running; in another terminal: . deploy/local/env.sh, then the commands above"
+echo "(the admin API token is \$HERALD_ADMIN_TOKEN = $HERALD_ADMIN_TOKEN). Ctrl-C stops it."
+wait "$herald_pid"
