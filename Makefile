@@ -16,7 +16,7 @@ STAMP := $(VENV)/.herald-installed
 WITH_ENV := . deploy/local/env.sh &&
 PYTEST_ARGS ?=
 
-.PHONY: help venv services lint typecheck test run bench down clean-data
+.PHONY: help venv services lint typecheck test run bench bench-events down clean-data
 
 help:
 	@echo 'make venv        create .venv and install herald[dev] (again when pyproject.toml changes)'
@@ -26,6 +26,7 @@ help:
 	@echo 'make test        venv + services + lint + typecheck + pytest $$PYTEST_ARGS'
 	@echo 'make run         venv + services + herald migrate + herald sandbox (background) + herald run'
 	@echo 'make bench       venv + services + bench/bench_pipeline.py'
+	@echo 'make bench-events venv + services + bench/bench_events.py (webhooks accepted/applied per second)'
 	@echo 'make down        stop the local services (data kept)'
 	@echo 'make clean-data  stop them and delete .local (all their data)'
 
@@ -54,6 +55,9 @@ run: $(STAMP) services
 
 bench: $(STAMP) services
 	$(WITH_ENV) $(BIN)/python bench/bench_pipeline.py
+
+bench-events: $(STAMP) services
+	$(WITH_ENV) $(BIN)/python bench/bench_events.py
 
 down:
 	deploy/local/down.sh
