@@ -33,6 +33,7 @@ from consumer.parking_queue import (
     index_row,
     jsonable,
     lot_lock,
+    ready_count,
 )
 from consumer.topology import Names
 
@@ -549,6 +550,4 @@ async def queue_depth(amqp_url: str, names: Names) -> int:
     """Messages ready in the parking queue (not counting any a pass holds)."""
     connection = await aio_pika.connect(amqp_url)
     async with connection:
-        channel = await connection.channel()
-        queue = await channel.declare_queue(names.parked, passive=True)
-        return int(queue.declaration_result.message_count or 0)
+        return await ready_count(connection, names)

@@ -227,6 +227,16 @@ async def index_missing(conn: Conn, rows: list[dict[str, Any]],
     return added
 
 
+async def ready_count(connection: AbstractConnection, names: Names) -> int:
+    """Messages ready in the parking queue (not counting any a pass holds)."""
+    channel = await connection.channel()
+    try:
+        queue = await channel.declare_queue(names.parked, passive=True)
+        return int(queue.declaration_result.message_count or 0)
+    finally:
+        await channel.close()
+
+
 @dataclass
 class Delivery:
     """A message taken from the parking queue, by the window that holds it."""
@@ -234,7 +244,6 @@ class Delivery:
     message: AbstractIncomingMessage
     window: int
     parked_id: uuid.UUID
-    has_header_id: bool
 
 
 @dataclass
@@ -262,19 +271,13 @@ class LotPass:
     idle_s: float = 2.0
     depth: int = 0
     seen: int = 0
-    acked: int = 0
     truncated: bool = False
     _windows: list[_Window] = field(default_factory=list)
     _inbox: asyncio.Queue[Delivery] = field(default_factory=asyncio.Queue)
     _over: bool = False
 
     async def __aenter__(self) -> LotPass:
-        channel = await self.connection.channel()
-        try:
-            queue = await channel.declare_queue(self.names.parked, passive=True)
-            self.depth = int(queue.declaration_result.message_count or 0)
-        finally:
-            await channel.close()
+        self.depth = await ready_count(self.connection, self.names)
         if self.depth > 0:
             await self._open_window()
         return self
@@ -300,51 +303,41 @@ class LotPass:
         self._windows.append(window)
 
         async def deliver(message: AbstractIncomingMessage) -> None:
-            parked_id, has_header = copy_id(message)
-            self._inbox.put_nowait(Delivery(message, index, parked_id, has_header))
+            self._inbox.put_nowait(Delivery(message, index, copy_id(message)[0]))
 
         window.tag = await queue.consume(deliver)
 
     async def batch(self, size: int) -> list[Delivery]:
         """Up to ``size`` more messages in queue order; [] when the pass is over."""
-        if self._over or not self._windows:
+        if self._over or not self._windows or self.seen >= self.depth:
+            self._over = True
             return []
-        while True:
-            if self.seen >= self.depth:
-                self._over = True
+        if self._windows[-1].unacked >= self.window and self._inbox.empty():
+            # The current window holds all it may: go on in a new one.
+            if self.held >= self.max_held:
+                self.truncated = self._over = True
                 return []
-            current = self._windows[-1]
-            if current.unacked >= self.window and self._inbox.empty():
-                if self.held >= self.max_held:
-                    self.truncated = True
-                    self._over = True
-                    return []
-                await self._open_window()
+            await self._open_window()
+        try:
+            first = await asyncio.wait_for(self._inbox.get(), self.idle_s)
+        except TimeoutError:
+            self._over = True
+            return []
+        taken = [first]
+        while len(taken) < size and self.seen + len(taken) < self.depth:
             try:
-                first = await asyncio.wait_for(self._inbox.get(), self.idle_s)
-            except TimeoutError:
-                self._over = True
-                return []
-            taken = [first]
-            while len(taken) < size and self.seen + len(taken) < self.depth:
-                try:
-                    taken.append(self._inbox.get_nowait())
-                except asyncio.QueueEmpty:
-                    break
-            for d in taken:
-                self._windows[d.window].unacked += 1
-            self.seen += len(taken)
-            taken.sort(key=lambda d: (d.window, d.message.delivery_tag or 0))
-            return taken
+                taken.append(self._inbox.get_nowait())
+            except asyncio.QueueEmpty:
+                break
+        for d in taken:
+            self._windows[d.window].unacked += 1
+        self.seen += len(taken)
+        taken.sort(key=lambda d: (d.window, d.message.delivery_tag or 0))
+        return taken
 
     async def ack(self, delivery: Delivery) -> None:
         await delivery.message.ack()
         self._windows[delivery.window].unacked -= 1
-        self.acked += 1
-
-    def stop(self) -> None:
-        """End the pass at the next :meth:`batch` (what is held stays parked)."""
-        self._over = True
 
     async def close(self) -> None:
         """Return what is held to the head of the queue, in order: close the

@@ -51,6 +51,7 @@ from consumer.parked import (
 )
 from consumer.parking_queue import Delivery, lot_lock
 from consumer.pipeline import HEADER_ATTEMPT_BASE
+from consumer.pipeline import _decode as decode_request
 from consumer.publisher import HEADER_ATTEMPT, Publisher
 from schemas import SendRequest
 
@@ -104,13 +105,9 @@ class ReplayReport:
 
 
 def _validated(body: bytes, channel: str) -> tuple[SendRequest | None, str]:
-    try:
-        request = SendRequest.model_validate_json(body)
-    except (ValidationError, UnicodeDecodeError) as exc:
-        return None, f"the body is not a valid send request ({str(exc).splitlines()[0]})"
-    if request.channel != channel:
-        return None, f"the body's channel {request.channel!r} is not {channel!r}"
-    return request, ""
+    """The request in a body, exactly as the pipeline would decode it (else it
+    would only be parked again), or None and why not."""
+    return decode_request(body, channel)
 
 
 def edited_body(edit: Edit, original: bytes, channel: str) -> bytes:
