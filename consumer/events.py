@@ -387,7 +387,7 @@ class EventsConsumer:
             })
             actions.append({
                 "event_row": row["row_id"], "message_id": row["message_id"],
-                "kind": "park" if decision.kind == "park" else "resend",
+                "kind": {"retry": "resend"}.get(decision.kind, decision.kind),
                 "channel": row["channel"],
                 "attempt": decision.resend_attempt or row["attempts"],
                 "delay_s": decision.delay_s, "error_type": error.error_type.value,
@@ -480,7 +480,7 @@ class EventsConsumer:
         error = DeliveryError(ErrorType(action["error_type"]), action["error_text"] or "",
                               code=action["error_code"])
         body = json.dumps(action["payload"]).encode()
-        if action["kind"] == "resend":
+        if action["kind"] in ("resend", "pause"):
             headers = error_headers(error) | {HEADER_ATTEMPT: action["attempt"]}
             if action["queued_at"] is not None:  # end-to-end time counts from the first sight
                 headers[HEADER_FIRST_SEEN] = action["queued_at"].timestamp()
@@ -488,7 +488,10 @@ class EventsConsumer:
                 action["channel"], body, action["delay_s"], headers=headers,
                 message_id=action["message_id"],
             )
-            metrics.RETRIED.labels(action["channel"], error.error_type.value).inc()
+            if action["kind"] == "pause":
+                metrics.DEFERRED.labels(action["channel"], "provider_wide").inc()
+            else:
+                metrics.RETRIED.labels(action["channel"], error.error_type.value).inc()
             return
         await self._park(action, body, error)
 

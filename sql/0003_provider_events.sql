@@ -64,9 +64,9 @@ CREATE INDEX provider_events_watermark_idx ON provider_events (recipient, waterm
 -- by the attempt number in herald_claim_batch).
 CREATE TABLE event_actions (
     id           bigserial PRIMARY KEY,
-    event_row    bigint NOT NULL REFERENCES provider_events (id),
+    event_row    bigint NOT NULL REFERENCES provider_events (id) ON DELETE CASCADE,
     message_id   text NOT NULL REFERENCES messages (message_id) ON DELETE CASCADE,
-    kind         text NOT NULL CHECK (kind IN ('resend', 'park')),
+    kind         text NOT NULL CHECK (kind IN ('resend', 'pause', 'park')),
     channel      text NOT NULL,
     attempt      integer NOT NULL,          -- x-herald-attempt of the copy published
     delay_s      integer NOT NULL DEFAULT 0,

@@ -315,6 +315,51 @@ async def test_retryable_failure_resends_as_a_new_attempt_whose_claim_succeeds(
     assert claim is not None and claim["outcome"] == "claimed"
 
 
+async def test_failure_reported_before_the_send_is_recorded_is_acted_on_once_it_is(
+    amqp: AbstractRobustConnection, prefix: str, db: asyncpg.Connection,
+    start_herald: HeraldFactory,
+) -> None:
+    await start_herald(roles=("events",))
+    await insert_message(db, "m1", status="sending", payload=sms_payload("m1"))
+    await publish_events(amqp, prefix, ev("twilio", "SM1", "failed", at(1), error_code="30003"),
+                         ev("twilio", "SM1", "failed", at(2), error_code="30003"))
+
+    async def stored_pending() -> bool:
+        return await outcomes(db) == [None, None]
+
+    await wait_for(stored_pending, timeout=10, what="two pending reports")
+    await record_sent(db, "m1", "twilio", "SM1")
+
+    async def retrying() -> bool:
+        return (await message(db, "m1"))["status"] == "retrying"
+
+    await wait_for(retrying, timeout=10, what="m1 retrying")
+    assert await outcomes(db) == ["retry", "unchanged"]
+    copies = await drain_queue(amqp, f"{prefix}.send.sms", expect=2, timeout=6)
+    assert [c.headers["x-herald-attempt"] for c in copies] == [2]
+
+
+async def test_provider_wide_failure_resends_without_charging_an_attempt(
+    amqp: AbstractRobustConnection, prefix: str, db: asyncpg.Connection,
+    start_herald: HeraldFactory,
+) -> None:
+    await start_herald(roles=("events",), HERALD_PAUSE_BASE_S="1")
+    await insert_message(db, "m1", pmid="SM1", payload=sms_payload("m1"))
+    await publish_events(amqp, prefix, ev("twilio", "SM1", "failed", at(1), error_code="30002",
+                                          error_text="Account suspended"))
+    (copy,) = await drain_queue(amqp, f"{prefix}.send.sms", expect=1, timeout=10)
+    assert copy.headers["x-herald-attempt"] == 1  # the same attempt, not charged
+    m1 = await message(db, "m1")
+    assert (m1["status"], m1["attempts"], m1["last_error_type"]) == (
+        "retrying", 0, "access_token")
+    assert await outcomes(db) == ["pause"]
+    claim = await db.fetchrow("SELECT * FROM herald_claim_batch($1::text::jsonb)", json.dumps([{
+        "idx": 0, "message_id": "m1", "channel": "sms", "recipient": "+15551234567",
+        "campaign_id": None, "payload": sms_payload("m1"), "attempt": 1, "owner": "test",
+        "lease_s": 10}]))
+    assert claim is not None and claim["outcome"] == "claimed"
+
+
 @pytest.mark.parametrize(("code", "attempts", "error_type"), [
     ("30006", 1, "invalid_recipient"),   # permanent
     ("30003", 3, "provider_error"),      # retryable, but no attempt left
