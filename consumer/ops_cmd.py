@@ -391,7 +391,7 @@ async def _parked_replay(args: argparse.Namespace, settings: Settings,
         return 0
     print(f"replayed {report.replayed} of {report.selected} selected"
           f" ({_counts(report.by_error_type)}); {report.already_delivered} already delivered"
-          " (removed, not sent again)")
+          " or cancelled (removed, not sent again)")
     for item in report.skipped:
         print(f"  skipped {item['id'][:8]} ({item['message_id'] or 'no message id'}):"
               f" {item['why']}")

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -444,20 +444,30 @@ class SweepReport:
     removed: int = 0
     indexed: int = 0
     not_found: int = 0
-    skipped: list[dict[str, Any]] | None = None
+    skipped: list[dict[str, Any]] = field(default_factory=list)
     truncated: bool = False
 
     def to_json(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if v is not None}
+        return dict(self.__dict__)
+
+
+# Mark index rows done ($2 the state, $3 the resolution, $4 who) and record the
+# action ($5 its detail) in one statement: ``WITH done AS (_MARK WHERE … RETURNING
+# parked_id, message_id) _RECORD``.
+_MARK = """UPDATE parked_messages SET state = $2, resolved_at = now(), resolution = $3,
+                  resolved_by = $4"""
+_RECORD = """INSERT INTO message_actions (message_id, parked_id, action, actor, detail)
+             SELECT message_id, parked_id, $2, $4, $5 FROM done
+          RETURNING parked_id, message_id"""
 
 
 async def _sweep(lot: Lot, actor: str, want: set[uuid.UUID] | None,
-                 report: SweepReport, stopping: Callable[[], bool] = lambda: False) -> None:
+                 report: SweepReport) -> None:
     """Ack away every copy whose row is done; stop early once ``want`` are all gone."""
     connection = await aio_pika.connect(lot.amqp_url)
     async with connection, lot.new_pass(connection) as lot_pass:
         remaining = set(want) if want is not None else None
-        while not stopping() and (remaining is None or remaining):
+        while remaining is None or remaining:
             batch = await lot_pass.batch(500)
             if not batch:
                 break
@@ -480,32 +490,27 @@ async def reject(lot: Lot, ids: Sequence[uuid.UUID], reason: str, actor: str) ->
     already delivered) with the reason recorded, and the copies leave the queue."""
     if not reason.strip():
         raise LotError("a reason is required to reject messages")
-    report = SweepReport(skipped=[])
+    report = SweepReport()
     async with lot_lock(lot.pool, lot.names.prefix):
         async with lot.pool.acquire() as conn, conn.transaction():
             rows = await conn.fetch(
-                """UPDATE parked_messages SET state = 'rejected', resolved_at = now(),
-                          resolution = $2, resolved_by = $3
-                    WHERE parked_id = ANY($1::uuid[]) AND state = 'parked'
-                RETURNING parked_id, message_id""", list(ids), reason, actor)
+                f"""WITH done AS ({_MARK}
+                      WHERE parked_id = ANY($1::uuid[]) AND state = 'parked'
+                   RETURNING parked_id, message_id)
+                   {_RECORD}""", list(ids), "rejected", reason, actor, {"reason": reason})
             done = {r["parked_id"] for r in rows}
             for other in await conn.fetch(
                     "SELECT parked_id, state FROM parked_messages WHERE parked_id = ANY($1)",
                     [i for i in ids if i not in done]):
-                assert report.skipped is not None
                 report.skipped.append({"id": str(other["parked_id"]),
                                        "why": f"not parked (state {other['state']})"})
-            message_ids = [r["message_id"] for r in rows if r["message_id"] is not None]
             await conn.execute(
                 """UPDATE messages SET status = 'cancelled', cancelled_at = now(),
                           updated_at = now(), claimed_by = NULL, claimed_until = NULL,
                           next_attempt_at = NULL
                     WHERE message_id = ANY($1::text[])
-                      AND status IN ('queued', 'retrying', 'failed')""", message_ids)
-            await conn.executemany(
-                """INSERT INTO message_actions (message_id, parked_id, action, actor, detail)
-                   VALUES ($1, $2, 'rejected', $3, $4)""",
-                [(r["message_id"], r["parked_id"], actor, {"reason": reason}) for r in rows])
+                      AND status IN ('queued', 'retrying', 'failed')""",
+                [r["message_id"] for r in rows if r["message_id"] is not None])
         report.marked = len(rows)
         log.info("parked.rejected", count=len(rows), reason=reason[:200])
         if rows:
@@ -518,18 +523,13 @@ async def purge(lot: Lot, older_than: timedelta, actor: str) -> SweepReport:
     messages stay 'failed'; the index rows stay, marked 'purged')."""
     report = SweepReport()
     async with lot_lock(lot.pool, lot.names.prefix):
-        async with lot.pool.acquire() as conn, conn.transaction():
-            rows = await conn.fetch(
-                """UPDATE parked_messages SET state = 'purged', resolved_at = now(),
-                          resolution = $2, resolved_by = $3
-                    WHERE state = 'parked' AND parked_at < now() - $1::interval
-                RETURNING parked_id, message_id""",
-                older_than, f"purged: parked more than {older_than} ago", actor)
-            await conn.executemany(
-                """INSERT INTO message_actions (message_id, parked_id, action, actor, detail)
-                   VALUES ($1, $2, 'purged', $3, $4)""",
-                [(r["message_id"], r["parked_id"], actor,
-                  {"older_than_s": older_than.total_seconds()}) for r in rows])
+        rows = await lot.pool.fetch(
+            f"""WITH done AS ({_MARK}
+                  WHERE state = 'parked' AND parked_at < now() - $1::interval
+               RETURNING parked_id, message_id)
+               {_RECORD}""",
+            older_than, "purged", f"purged: parked more than {older_than} ago", actor,
+            {"older_than_s": older_than.total_seconds()})
         report.marked = len(rows)
         log.info("parked.purged", count=len(rows))
         if rows:

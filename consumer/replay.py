@@ -308,17 +308,27 @@ async def _replay_batch(
             RETURNING p.parked_id, p.replay_attempt""",
             [d.parked_id for d, _, _, _ in ready], [r.message_id for _, _, r, _ in ready])}
     published: list[tuple[Delivery, asyncpg.Record, SendRequest, int]] = []
-    for d, row, request, body in ready:
-        if stopping():
-            break
-        await pacer.wait()
+
+    async def publish(d: Delivery, request: SendRequest, body: bytes) -> None:
         attempt = int(attempts[d.parked_id])
         headers: dict[str, Any] = {HEADER_ATTEMPT: attempt, HEADER_REPLAY_OF: str(d.parked_id)}
         if options.reset_attempts:
             headers[HEADER_ATTEMPT_BASE] = attempt - 1
         await publisher.publish_send(request.channel, body, headers=headers,
                                      message_id=request.message_id)
-        published.append((d, row, request, attempt))
+
+    if pacer.interval:
+        for d, row, request, body in ready:
+            if stopping():
+                break
+            await pacer.wait()
+            await publish(d, request, body)
+            published.append((d, row, request, int(attempts[d.parked_id])))
+    elif not stopping():
+        # Unpaced: the whole batch's confirms in flight at once.
+        await asyncio.gather(*(publish(d, request, body) for d, _, request, body in ready))
+        published = [(d, row, request, int(attempts[d.parked_id]))
+                     for d, row, request, _ in ready]
     if not published:
         return []
     now = datetime.now(UTC)

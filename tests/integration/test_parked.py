@@ -129,8 +129,7 @@ async def test_replay_across_several_windows_keeps_the_rest_in_order_and_sets_at
     chosen = {str(ids[i]) for i in range(1, 30, 3)}
     assert parked_ids(await peek(names.parked)) == [i for i in before if i not in chosen]
     sent = await drain_queue(amqp, names.send_queue("http"), expect=10, timeout=10)
-    assert [m.headers["x-herald-replay-of"] for m in sent] == [
-        i for i in before if i in chosen]
+    assert sorted(m.headers["x-herald-replay-of"] for m in sent) == sorted(chosen)
     for m in sent:
         assert m.headers["x-herald-attempt"] == 3
         assert m.headers["x-herald-attempt-base"] == 2
