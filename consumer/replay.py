@@ -354,7 +354,8 @@ async def _replay_batch(
             [r.message_id for _, _, r, _ in published], [a for _, _, _, a in published], now)
     for d, row, request, attempt in published:
         metrics.REPLAYED.labels(request.channel, row["error_type"]).inc()
-        log.info("parked.replayed", parked_id=str(d.parked_id), message_id=request.message_id,
+        # Per message at debug: message_actions records every replay anyway.
+        log.debug("parked.replayed", parked_id=str(d.parked_id), message_id=request.message_id,
                  channel=request.channel, to=request.to, attempt=attempt)
     return [d for d, _, _, _ in published]
 
