@@ -237,16 +237,8 @@ async def count_parked(conn: Conn, selection: Selection) -> dict[str, int]:
     and campaign only, else counted from the index rows."""
     params: list[Any] = []
     if not (selection.ids or selection.recipient or selection.since or selection.until):
-        where = ["c.parked <> 0"]
-        if selection.channel:
-            params.append(selection.channel)
-            where.append(f"c.channel = ${len(params)}")
-        if selection.error_types:
-            params.append(list(selection.error_types))
-            where.append(f"c.error_type = ANY(${len(params)}::text[])")
-        if selection.campaign:
-            params.append(selection.campaign)
-            where.append(f"c.campaign_id = ${len(params)}")
+        # parked_counts has the same channel, error_type and campaign_id columns.
+        where = ["c.parked <> 0", *selection.conditions(params, alias="c")]
         sql = (f"SELECT c.error_type, sum(c.parked) AS n FROM parked_counts c"
                f" WHERE {' AND '.join(where)} GROUP BY c.error_type")
     else:
