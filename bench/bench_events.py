@@ -82,7 +82,9 @@ async def record_sent(db: asyncpg.Connection, n: int) -> None:
 def signed_requests(n: int, public_url: str) -> list[Request]:
     """Every webhook of the run, signed as the provider would, in sending order."""
     requests: list[Request] = []
-    now = int(time.time())
+    # After the messages were recorded: Messenger's watermarks must cover their sends.
+    now_ms = int(time.time() * 1000) + 1
+    now = now_ms // 1000 + 1
     twilio_url = public_url + "/webhooks/twilio"
     for status in ("delivered", "read"):
         for i in range(n):
@@ -108,11 +110,11 @@ def signed_requests(n: int, public_url: str) -> list[Request]:
                 event: dict[str, object] = {"sender": {"id": psid},
                                             "recipient": {"id": CREDS.page_id}}
                 if status == "delivered":
-                    event["delivery"] = {"mids": [pmid], "watermark": now * 1000}
+                    event["delivery"] = {"mids": [pmid], "watermark": now_ms}
                 else:
-                    event["read"] = {"watermark": now * 1000}
-                    event["timestamp"] = now * 1000
-                body = {"object": "page", "entry": [{"id": CREDS.page_id, "time": now * 1000,
+                    event["read"] = {"watermark": now_ms}
+                    event["timestamp"] = now_ms
+                body = {"object": "page", "entry": [{"id": CREDS.page_id, "time": now_ms,
                                                      "messaging": [event]}]}
             raw = json.dumps(body, separators=(",", ":")).encode()
             requests.append((f"/webhooks/{provider}", raw, {
