@@ -49,8 +49,7 @@ def build_components(service: Service) -> list[Component]:
         components.append(EventsConsumer(
             connection=service.connection, names=service.names, pool=service.pool,
             store=service.store, settings=service.settings,
-            # The channel pause's hook, where the service has one.
-            on_provider_wide=getattr(service, "provider_wide", None),
+            on_provider_wide=service.provider_wide,  # pauses the channel's senders
         ))
     return components
 

@@ -99,7 +99,9 @@ PROVIDER_WIDE_DELAY_S = 30
 # parking lot (DESIGN.md §5: 'other' is not retryable).
 UNKNOWN_CODE_RULE = rule(ErrorType.OTHER, retryable=False)
 
-ProviderWideHook = Callable[[str, DeliveryError], Any]
+# The channel pause (Service.provider_wide): pauses the channel's senders and
+# says how long until it probes the provider again.
+ProviderWideHook = Callable[[str, DeliveryError], float]
 
 
 class _Stopping(Exception):
@@ -367,11 +369,9 @@ class EventsConsumer:
             error = reported_error(row["provider"], row["error_code"], row["error_text"],
                                    row["recipient"])
             policy = await self._policy(row["payload"])
-            wait = PROVIDER_WIDE_DELAY_S
+            wait: float = PROVIDER_WIDE_DELAY_S
             if error.provider_wide and self.on_provider_wide is not None:
-                hinted = self.on_provider_wide(row["channel"], error)
-                if isinstance(hinted, int | float) and hinted > 0:
-                    wait = math.ceil(hinted)
+                wait = self.on_provider_wide(row["channel"], error)
             decision = decide(error, row["attempts"], policy, wait)
             now = datetime.now(UTC)
             next_at = (now + timedelta(seconds=decision.delay_s)
