@@ -635,3 +635,32 @@ async def test_listing_fifty_of_a_million_parked_rows_is_fast(
     print({k: round(v, 4) for k, v in timings.items()})
     slowest = max(timings.values())
     assert slowest < 0.5, timings
+
+
+async def test_reset_attempts_gives_a_replayed_message_a_fresh_budget(
+    amqp: AbstractRobustConnection, prefix: str, db: asyncpg.Connection,
+    sandbox: RunningSandbox, start_service: ServiceFactory, lot: Lot,
+) -> None:
+    """Through the pipeline: two attempts, parked; replayed with a fresh budget
+    it gets two more (numbered 3 and 4), replayed without one a single try."""
+    await start_service()
+    down = sandbox.url("down", status=503)  # one recipient: the breaker stays closed
+    await publish_all(amqp, prefix, [request(f"b-{i}", down, retry={"max_attempts": 2})
+                                     for i in range(2)])
+    await wait_parked(db, amqp, prefix, 2, timeout=30)
+
+    async def numbers(message_id: str) -> list[int]:
+        return [r["attempt"] for r in await db.fetch(
+            "SELECT attempt FROM delivery_attempts WHERE message_id = $1 ORDER BY attempt",
+            message_id)]
+
+    assert await numbers("b-0") == [1, 2]
+    (fresh,) = await db.fetch("SELECT parked_id FROM parked_messages WHERE message_id='b-0'")
+    await replay(lot, ReplayOptions(Selection(ids=(fresh["parked_id"],))), "test")
+    (once,) = await db.fetch("SELECT parked_id FROM parked_messages WHERE message_id='b-1'")
+    await replay(lot, ReplayOptions(Selection(ids=(once["parked_id"],)),
+                                    reset_attempts=False), "test")
+    await wait_parked(db, amqp, prefix, 2, timeout=30)
+    assert await numbers("b-0") == [1, 2, 3, 4]
+    assert await numbers("b-1") == [1, 2, 3]
+    assert len(sandbox.sandbox.attempts_for("b-0")) == 4
