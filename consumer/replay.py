@@ -50,7 +50,7 @@ from consumer.parked import (
     rows_for,
 )
 from consumer.parking_queue import Delivery, lot_lock
-from consumer.pipeline import HEADER_ATTEMPT_BASE
+from consumer.pipeline import HEADER_ATTEMPT_BASE, lane_of
 from consumer.pipeline import _decode as decode_request
 from consumer.publisher import HEADER_ATTEMPT, Publisher
 from schemas import SendRequest
@@ -314,8 +314,11 @@ async def _replay_batch(
         headers: dict[str, Any] = {HEADER_ATTEMPT: attempt, HEADER_REPLAY_OF: str(d.parked_id)}
         if options.reset_attempts:
             headers[HEADER_ATTEMPT_BASE] = attempt - 1
+        # Campaign traffic to the bulk lane, as herald publish does (the pipeline
+        # moves a copy whose campaign says otherwise).
         await publisher.publish_send(request.channel, body, headers=headers,
-                                     message_id=request.message_id)
+                                     message_id=request.message_id,
+                                     lane=lane_of(request, None))
 
     if pacer.interval:
         for d, row, request, body in ready:

@@ -167,6 +167,19 @@ async def test_replay_without_reset_sends_no_attempt_base(
     assert "x-herald-attempt-base" not in sent.headers
 
 
+async def test_campaign_traffic_is_replayed_onto_the_bulk_lane(
+    amqp: AbstractRobustConnection, prefix: str, db: asyncpg.Connection, lot: Lot,
+) -> None:
+    names = Names(prefix)
+    await park_directly(amqp, db, prefix, [
+        (request("c-1", "http://127.0.0.1:9/x", campaign_id="spring"), "permission"),
+        (request("t-1", "http://127.0.0.1:9/x"), "permission")])
+    assert (await replay(lot, ReplayOptions(Selection(all=True)), "test")).replayed == 2
+    (bulk,) = await drain_queue(amqp, names.send_queue("http", "bulk"), expect=1, timeout=10)
+    (main,) = await drain_queue(amqp, names.send_queue("http"), expect=1, timeout=10)
+    assert (bulk.message_id, main.message_id) == ("c-1", "t-1")
+
+
 async def test_a_second_pass_waits_for_the_first(lot: Lot, prefix: str) -> None:
     async with lot_lock(lot.pool, prefix):
         with pytest.raises(LotBusy):
