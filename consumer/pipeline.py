@@ -38,7 +38,13 @@ from consumer.providers.base import Provider
 from consumer.publisher import HEADER_ATTEMPT, HEADER_DUE_AT, Publisher
 from consumer.recipients import validate_recipient
 from consumer.settings import Settings
-from consumer.store import Campaign, Store, is_transient_db_error, resolve_policy
+from consumer.store import (
+    Campaign,
+    RecordOutcome,
+    Store,
+    is_transient_db_error,
+    resolve_policy,
+)
 from schemas import SendRequest
 
 log = structlog.get_logger("herald.pipeline")
@@ -388,7 +394,31 @@ class Pipeline:
         lane: str,
     ) -> Outcome:
         delay = retry_delay(max(1, used), policy, retry_after=error.retry_after)
-        headers = _forwarded(incoming) | _error_headers(error) | {HEADER_ATTEMPT: attempt + 1}
+        await self._send_again(message, request, incoming, error, attempt, attempt + 1,
+                               "retrying", delay, started, latency_ms, provider, lane)
+        metrics.RETRIED.labels(request.channel, error.error_type.value).inc()
+        metrics.RETRIES_BY_ATTEMPT.labels(request.channel, str(min(attempt, 10))).inc()
+        log.info("delivery.retry_scheduled", error_type=error.error_type.value,
+                 error_code=error.code, delay_s=delay, error=error.message[:200])
+        return Outcome("retrying", request.message_id, attempt, error.error_type.value)
+
+    async def _send_again(
+        self,
+        message: AbstractIncomingMessage,
+        request: SendRequest,
+        incoming: dict[str, Any],
+        error: DeliveryError,
+        attempt: int,
+        next_attempt: int,
+        outcome: RecordOutcome,
+        delay: int,
+        started: datetime,
+        latency_ms: float,
+        provider: str,
+        lane: str,
+    ) -> None:
+        """Republish through the delay levels (confirmed), then record the outcome."""
+        headers = _forwarded(incoming) | _error_headers(error) | {HEADER_ATTEMPT: next_attempt}
         await self._infra(
             "broker",
             lambda: self.publisher.publish_delayed(
@@ -399,17 +429,12 @@ class Pipeline:
         await self._infra(
             "database",
             lambda: self.store.record(
-                message_id=request.message_id, attempt=attempt, outcome="retrying",
+                message_id=request.message_id, attempt=attempt, outcome=outcome,
                 started_at=started, latency_ms=latency_ms, provider=provider,
                 error_type=error.error_type.value, error_code=error.code,
                 error_text=error.message, next_attempt_at=self.now() + timedelta(seconds=delay),
             ),
         )
-        metrics.RETRIED.labels(request.channel, error.error_type.value).inc()
-        metrics.RETRIES_BY_ATTEMPT.labels(request.channel, str(min(attempt, 10))).inc()
-        log.info("delivery.retry_scheduled", error_type=error.error_type.value,
-                 error_code=error.code, delay_s=delay, error=error.message[:200])
-        return Outcome("retrying", request.message_id, attempt, error.error_type.value)
 
     async def _pause(
         self,
@@ -430,23 +455,8 @@ class Pipeline:
         """
         wait_s = self.hooks.provider_wide(request.channel, error) if self.hooks else 0.0
         delay = max(1, int(wait_s + 0.999), int(error.retry_after or 0))
-        headers = _forwarded(incoming) | _error_headers(error) | {HEADER_ATTEMPT: attempt}
-        await self._infra(
-            "broker",
-            lambda: self.publisher.publish_delayed(
-                request.channel, message.body, delay, headers=headers,
-                message_id=request.message_id, lane=lane,
-            ),
-        )
-        await self._infra(
-            "database",
-            lambda: self.store.record(
-                message_id=request.message_id, attempt=attempt, outcome="paused",
-                started_at=started, latency_ms=latency_ms, provider=provider,
-                error_type=error.error_type.value, error_code=error.code,
-                error_text=error.message, next_attempt_at=self.now() + timedelta(seconds=delay),
-            ),
-        )
+        await self._send_again(message, request, incoming, error, attempt, attempt, "paused",
+                               delay, started, latency_ms, provider, lane)
         metrics.DEFERRED.labels(request.channel, "provider_wide").inc()
         log.warning("delivery.provider_wide_failure", error_type=error.error_type.value,
                     error_code=error.code, delay_s=delay)

@@ -8,6 +8,7 @@ import os
 import socket
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import datetime
 from pathlib import Path
 
 import aio_pika
@@ -149,6 +150,33 @@ async def start_service(settings: Settings) -> AsyncIterator[ServiceFactory]:
     async def factory(**changes: object) -> Service:
         service = Service(settings.replace(**changes) if changes else settings,
                           serve_http=False)
+        await service.start()
+        started.append(service)
+        return service
+
+    yield factory
+    for service in reversed(started):
+        await service.stop()
+
+
+SandboxServices = Callable[..., Awaitable[Service]]
+
+
+@pytest.fixture
+async def sandbox_services(
+    prefix: str, db_url: str, sandbox: RunningSandbox
+) -> AsyncIterator[SandboxServices]:
+    """In-process services pointed at the sandbox's fake providers (callbacks off),
+    configured by ``HERALD_*`` overrides and optionally a clock; stopped after the test."""
+    sandbox.sandbox.providers.configure_callbacks(enabled=False)
+    port = int(sandbox.base_url.rsplit(":", 1)[1])
+    started: list[Service] = []
+
+    async def factory(now: Callable[[], datetime] | None = None, **env: str) -> Service:
+        from consumer.sandbox.env import sandbox_env
+
+        settings = Settings.from_env(herald_env(prefix, db_url) | sandbox_env(port) | env)
+        service = Service(settings, serve_http=False, now=now)
         await service.start()
         started.append(service)
         return service

@@ -5,17 +5,13 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
 
 import asyncpg
 import pytest
 from aio_pika.abc import AbstractRobustConnection
 
-from consumer.sandbox.env import sandbox_env
-from consumer.service import Service
-from consumer.settings import Settings
 from consumer.topology import Names
-from tests.conftest import RunningSandbox, herald_env
+from tests.conftest import RunningSandbox, SandboxServices
 from tests.helpers import drain_queue, publish_all, queue_depth, wait_for
 from tests.providers_fixtures import MESSENGER_ROWS, TWILIO_ROWS, WHATSAPP_ROWS, Row
 
@@ -30,30 +26,6 @@ def send(mid: str, channel: str, to: str, **extra: object) -> dict[str, object]:
     return {"message_id": mid, "channel": channel, "to": to, "body": f"hello {mid}", **extra}
 
 
-ChannelServices = Callable[..., Awaitable[Service]]
-
-
-@pytest.fixture
-async def channel_service(
-    prefix: str, db_url: str, sandbox: RunningSandbox
-) -> AsyncIterator[ChannelServices]:
-    """A factory of in-process services pointed at the sandbox's fake providers."""
-    sandbox.sandbox.providers.configure_callbacks(enabled=False)
-    port = int(sandbox.base_url.rsplit(":", 1)[1])
-    started: list[Service] = []
-
-    async def factory(**env: str) -> Service:
-        settings = Settings.from_env(herald_env(prefix, db_url) | sandbox_env(port) | env)
-        service = Service(settings, serve_http=False)
-        await service.start()
-        started.append(service)
-        return service
-
-    yield factory
-    for service in reversed(started):
-        await service.stop()
-
-
 async def _status(db: asyncpg.Connection, mid: str) -> str | None:
     return await db.fetchval("SELECT status FROM messages WHERE message_id = $1", mid)
 
@@ -63,9 +35,9 @@ async def _status(db: asyncpg.Connection, mid: str) -> str | None:
 ])
 async def test_success_records_the_providers_message_id(
     amqp: AbstractRobustConnection, prefix: str, db: asyncpg.Connection,
-    sandbox: RunningSandbox, channel_service: ChannelServices, channel: str, prefix_id: str,
+    sandbox: RunningSandbox, sandbox_services: SandboxServices, channel: str, prefix_id: str,
 ) -> None:
-    await channel_service()
+    await sandbox_services()
     to = recipient(channel, 1)
     await publish_all(amqp, prefix, [send("ok-1", channel, to)])
 
@@ -89,12 +61,12 @@ def _rows() -> list[tuple[str, Row]]:
 
 async def test_every_table_code_ends_as_its_error_type(
     amqp: AbstractRobustConnection, prefix: str, db: asyncpg.Connection,
-    sandbox: RunningSandbox, channel_service: ChannelServices,
+    sandbox: RunningSandbox, sandbox_services: SandboxServices,
 ) -> None:
     """Each code of PROVIDERS.md's tables (per message, not provider-wide): a
     retryable one is retried until max_attempts (2) and then parked, a permanent
     one is parked after its single attempt; either way with its error_type."""
-    await channel_service()
+    await sandbox_services()
     box = sandbox.sandbox.providers
     requests, expected = [], {}
     for n, (channel, row) in enumerate(_rows()):
@@ -131,9 +103,9 @@ async def test_every_table_code_ends_as_its_error_type(
 ])
 async def test_invalid_recipient_is_parked_without_calling_the_provider(
     amqp: AbstractRobustConnection, prefix: str, db: asyncpg.Connection,
-    sandbox: RunningSandbox, channel_service: ChannelServices, channel: str, to: str,
+    sandbox: RunningSandbox, sandbox_services: SandboxServices, channel: str, to: str,
 ) -> None:
-    await channel_service()
+    await sandbox_services()
     await publish_all(amqp, prefix, [send("bad-to", channel, to)])
     parked = await drain_queue(amqp, Names(prefix).parked, expect=1, timeout=10)
     assert parked[0].headers["x-herald-error-type"] == "invalid_recipient"
@@ -148,14 +120,14 @@ async def test_invalid_recipient_is_parked_without_calling_the_provider(
 @pytest.mark.slow
 async def test_whatsapp_token_outage_pauses_only_whatsapp(
     amqp: AbstractRobustConnection, prefix: str, db: asyncpg.Connection,
-    sandbox: RunningSandbox, channel_service: ChannelServices,
+    sandbox: RunningSandbox, sandbox_services: SandboxServices,
 ) -> None:
     """A 2-minute expired-token outage on WhatsApp while 500 WhatsApp and 500 SMS
     messages flow: SMS is unaffected, WhatsApp pauses, no WhatsApp message is parked
     or charged an attempt, and all 1,000 end sent after the outage."""
     box = sandbox.sandbox.providers
     box.set_mode("whatsapp", "token_expired", seconds=120)
-    service = await channel_service(HERALD_PAUSE_BASE_S="2", HERALD_PAUSE_MAX_S="16")
+    service = await sandbox_services(HERALD_PAUSE_BASE_S="2", HERALD_PAUSE_MAX_S="16")
     requests = []
     for i in range(500):
         requests.append(send(f"wa-{i}", "whatsapp", recipient("whatsapp", i)))

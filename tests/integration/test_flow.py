@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 
 import aio_pika
@@ -15,33 +14,9 @@ import asyncpg
 import pytest
 from aio_pika.abc import AbstractRobustConnection
 
-from consumer.sandbox.env import sandbox_env
-from consumer.service import Service
-from consumer.settings import Settings
 from consumer.topology import Names
-from tests.conftest import RunningSandbox, herald_env
+from tests.conftest import RunningSandbox, SandboxServices
 from tests.helpers import publish_all, queue_depth, request, wait_for
-
-Services = Callable[..., Awaitable[Service]]
-
-
-@pytest.fixture
-async def services(prefix: str, db_url: str, sandbox: RunningSandbox
-                   ) -> AsyncIterator[Services]:
-    sandbox.sandbox.providers.configure_callbacks(enabled=False)
-    port = int(sandbox.base_url.rsplit(":", 1)[1])
-    started: list[Service] = []
-
-    async def factory(now: Callable[[], datetime] | None = None, **env: str) -> Service:
-        settings = Settings.from_env(herald_env(prefix, db_url) | sandbox_env(port) | env)
-        service = Service(settings, serve_http=False, now=now)
-        await service.start()
-        started.append(service)
-        return service
-
-    yield factory
-    for service in reversed(started):
-        await service.stop()
 
 
 async def _count(db: asyncpg.Connection, where: str = "status = 'sent'") -> int:
@@ -60,11 +35,11 @@ def _max_in_any_second(times: list[float]) -> int:
 
 async def test_rate_limit_paces_a_channel(
     amqp: AbstractRobustConnection, prefix: str, db: asyncpg.Connection,
-    sandbox: RunningSandbox, services: Services,
+    sandbox: RunningSandbox, sandbox_services: SandboxServices,
 ) -> None:
     """Limited to 50/s, 1,000 messages take 20 ± 1 s by the provider's clock, and no
     1-second window has more than the rate plus the bucket (one second's worth)."""
-    await services(HERALD_HTTP_RATE="50")
+    await sandbox_services(HERALD_HTTP_RATE="50")
     url = sandbox.url("paced")
     await publish_all(amqp, prefix, [request(f"r-{i}", url) for i in range(1000)])
 
@@ -82,11 +57,11 @@ async def test_rate_limit_paces_a_channel(
 
 async def test_adaptive_rate_settles_under_the_providers_limit(
     amqp: AbstractRobustConnection, prefix: str, db: asyncpg.Connection,
-    sandbox: RunningSandbox, services: Services,
+    sandbox: RunningSandbox, sandbox_services: SandboxServices,
 ) -> None:
     """The endpoint answers 429 above 40/s; Herald (configured for 100/s) settles near
     40/s with few 429s, and nothing is parked for rate limiting."""
-    await services(HERALD_HTTP_RATE="100")
+    await sandbox_services(HERALD_HTTP_RATE="100")
     url = sandbox.url("limited", rate_limit=40)
     total = 1200
     await publish_all(amqp, prefix, [request(f"a-{i}", url) for i in range(total)])
@@ -109,12 +84,12 @@ async def test_adaptive_rate_settles_under_the_providers_limit(
 @pytest.mark.slow
 async def test_outage_breaker_pauses_instead_of_burning_attempts(
     amqp: AbstractRobustConnection, prefix: str, db: asyncpg.Connection,
-    sandbox: RunningSandbox, services: Services,
+    sandbox: RunningSandbox, sandbox_services: SandboxServices,
 ) -> None:
     """A 2-minute 503 outage of the http endpoint during 2,000 messages: the breaker
     opens, attempts charged during the outage stay a handful, nothing is parked, and
     everything is delivered after it ends."""
-    await services(HERALD_HTTP_RATE="100", HERALD_PAUSE_BASE_S="2", HERALD_PAUSE_MAX_S="10")
+    await sandbox_services(HERALD_HTTP_RATE="100", HERALD_PAUSE_BASE_S="2", HERALD_PAUSE_MAX_S="10")
     urls = [sandbox.url(f"hook-{n}") for n in range(20)]
     await publish_all(amqp, prefix, [request(f"o-{i}", urls[i % 20]) for i in range(2000)])
 
@@ -170,7 +145,7 @@ async def _publish_raw(amqp: AbstractRobustConnection, prefix: str,
 
 async def test_daily_limit_first_attempts_before_retries(
     amqp: AbstractRobustConnection, prefix: str, db: asyncpg.Connection,
-    sandbox: RunningSandbox, services: Services,
+    sandbox: RunningSandbox, sandbox_services: SandboxServices,
 ) -> None:
     """Limit 250. Day D: 450 first attempts (250 go, 200 wait for D+1) and 100 retries
     (quota gone: wait for D+1). Day D+1: the 200 first attempts and 100 retries are due:
@@ -178,7 +153,7 @@ async def test_daily_limit_first_attempts_before_retries(
     clock = OffsetClock(seconds_to_midnight=25)
     await db.execute("INSERT INTO campaigns (campaign_id, daily_limit, timezone) "
                      "VALUES ('spring', 250, 'UTC')")
-    await services(now=clock)
+    await sandbox_services(now=clock)
     deferred = "herald_messages_deferred_total"
     deferred_before = _sample(deferred, channel="http", reason="daily_limit")
     url = sandbox.url("campaign")
@@ -223,7 +198,7 @@ async def test_daily_limit_first_attempts_before_retries(
 
 async def test_quiet_hours_defer_until_they_end(
     amqp: AbstractRobustConnection, prefix: str, db: asyncpg.Connection,
-    sandbox: RunningSandbox, services: Services,
+    sandbox: RunningSandbox, sandbox_services: SandboxServices,
 ) -> None:
     clock = OffsetClock(seconds_to_midnight=3600)  # 23:00 by the campaign's clock
     now = clock()
@@ -231,7 +206,7 @@ async def test_quiet_hours_defer_until_they_end(
     end = (now + timedelta(seconds=4)).time().replace(microsecond=0)
     await db.execute("INSERT INTO campaigns (campaign_id, timezone, quiet_start, quiet_end) "
                      "VALUES ('night', 'UTC', $1, $2)", start, end)
-    await services(now=clock)
+    await sandbox_services(now=clock)
     await _publish_raw(amqp, prefix, [({"message_id": "q-1", "channel": "http",
                                         "to": sandbox.url("quiet"), "body": {},
                                         "campaign_id": "night"}, {})], "send.http.bulk")
@@ -253,7 +228,7 @@ async def test_quiet_hours_defer_until_they_end(
 @pytest.mark.slow
 async def test_transactional_message_does_not_wait_behind_a_campaign(
     amqp: AbstractRobustConnection, prefix: str, db: asyncpg.Connection,
-    sandbox: RunningSandbox, services: Services,
+    sandbox: RunningSandbox, sandbox_services: SandboxServices,
 ) -> None:
     """100,000 campaign messages wait on sms; a one-time code published afterwards is
     sent within a second, while the campaign keeps flowing."""
@@ -264,7 +239,7 @@ async def test_transactional_message_does_not_wait_behind_a_campaign(
     for start in range(0, len(bulk), 2000):
         await _publish_batch(exchange, bulk[start:start + 2000], "send.sms.bulk")
     await channel.close()
-    await services()
+    await sandbox_services()
     box = sandbox.sandbox.providers
 
     async def campaign_flowing() -> bool:
