@@ -65,15 +65,9 @@ from consumer import metrics
 from consumer.backoff import RetryPolicy, retry_delay, should_retry
 from consumer.errors import DeliveryError, ErrorType
 from consumer.logs import mask_recipient
+from consumer.parking import error_headers, park
 from consumer.pipeline import (
-    HEADER_CHANNEL,
-    HEADER_ERROR_CODE,
-    HEADER_ERROR_TYPE,
     HEADER_FIRST_SEEN,
-    HEADER_LAST_ERROR,
-    HEADER_MESSAGE_ID,
-    HEADER_PARKED_AT,
-    HEADER_PARKED_ID,
 )
 from consumer.providers.classify import Rule, as_int, make_error, mask_recipient_in, rule
 from consumer.providers.messenger import messenger_rule
@@ -152,15 +146,6 @@ def decide(error: DeliveryError, attempt: int, policy: RetryPolicy,
         delay = retry_delay(attempt, policy, retry_after=error.retry_after)
         return Decision("retry", error, "retrying", attempt + 1, delay)
     return Decision("park", error, "failed", None, 0)
-
-
-def error_headers(error: DeliveryError) -> dict[str, Any]:
-    """The ``x-herald-error-*`` headers, as the pipeline writes them."""
-    return {
-        HEADER_ERROR_TYPE: error.error_type.value,
-        HEADER_ERROR_CODE: error.code or "",
-        HEADER_LAST_ERROR: error.message[:1000],
-    }
 
 
 def event_item(idx: int, event: ProviderEvent, event_id: str, row_id: int | None = None
@@ -496,39 +481,16 @@ class EventsConsumer:
         await self._park(action, body, error)
 
     async def _park(self, action: asyncpg.Record, body: bytes, error: DeliveryError) -> None:
-        """Park as the pipeline does: the request, the reason in headers, an index row, a notice."""
-        channel, message_id = action["channel"], action["message_id"]
-        parked_id: uuid.UUID = action["parked_id"]
-        parked_at = datetime.now(UTC)
-        headers = error_headers(error) | {
-            HEADER_ATTEMPT: action["attempt"],
-            HEADER_PARKED_AT: parked_at.isoformat(),
-            HEADER_CHANNEL: channel,
-            HEADER_PARKED_ID: str(parked_id),
-            HEADER_MESSAGE_ID: message_id,
-        }
-        await self.publisher.publish(self.names.parked, self.names.parked, body,
-                                     headers=headers, message_id=message_id)
-        await self.store.record_parked(
-            parked_id=parked_id, message_id=message_id, channel=channel,
+        """Park as the pipeline does (see :mod:`consumer.parking`)."""
+        await park(
+            self.publisher, self.store, body=body, channel=action["channel"],
+            message_id=action["message_id"], attempt=action["attempt"], error=error,
             recipient=action["recipient"], campaign_id=action["campaign_id"],
-            attempts=action["attempt"], error_type=error.error_type.value,
-            error_code=error.code, last_error=error.message, parked_at=parked_at, body=body,
-            headers={k: v for k, v in headers.items() if isinstance(v, str | int)},
+            parked_at=datetime.now(UTC), parked_id=action["parked_id"],
         )
-        notice = json.dumps({
-            "parked_id": str(parked_id), "message_id": message_id, "channel": channel,
-            "error_type": error.error_type.value, "error_code": error.code,
-            "last_error": error.message[:500], "attempt": action["attempt"],
-            "parked_at": parked_at.isoformat(),
-        }).encode()
-        await self.publisher.publish(
-            self.names.notifications, f"parked.{channel}.{error.error_type.value}", notice,
-            mandatory=False)
-        metrics.PARKED.labels(channel, error.error_type.value).inc()
-        log.warning("delivery.parked", message_id=message_id, channel=channel,
-                    error_type=error.error_type.value, error_code=error.code,
-                    to=action["recipient"], source="provider_report")
+        log.warning("delivery.parked", message_id=action["message_id"],
+                    channel=action["channel"], error_type=error.error_type.value,
+                    error_code=error.code, to=action["recipient"], source="provider_report")
 
     # -- the sweep -------------------------------------------------------------------------------
 

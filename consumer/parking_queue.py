@@ -49,7 +49,7 @@ from aio_pika.abc import (
 from asyncpg.pool import PoolConnectionProxy
 from pydantic import ValidationError
 
-from consumer.pipeline import (
+from consumer.parking import (
     HEADER_CHANNEL,
     HEADER_ERROR_CODE,
     HEADER_ERROR_TYPE,

@@ -17,9 +17,7 @@ as stale.
 from __future__ import annotations
 
 import asyncio
-import json
 import time
-import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -34,6 +32,13 @@ from consumer import metrics, quota
 from consumer.backoff import RetryPolicy, retry_delay, should_retry
 from consumer.errors import DeliveryError, ErrorType
 from consumer.flow import TRANSIENT
+from consumer.parking import (
+    HEADER_ERROR_CODE,
+    HEADER_ERROR_TYPE,
+    HEADER_LAST_ERROR,
+    error_headers,
+    park,
+)
 from consumer.providers.base import Provider
 from consumer.publisher import HEADER_ATTEMPT, HEADER_DUE_AT, Publisher
 from consumer.recipients import validate_recipient
@@ -51,13 +56,6 @@ log = structlog.get_logger("herald.pipeline")
 
 T = TypeVar("T")
 
-HEADER_ERROR_TYPE = "x-herald-error-type"
-HEADER_ERROR_CODE = "x-herald-error-code"
-HEADER_LAST_ERROR = "x-herald-last-error"
-HEADER_PARKED_AT = "x-herald-parked-at"
-HEADER_CHANNEL = "x-herald-channel"
-HEADER_MESSAGE_ID = "x-herald-message-id"
-HEADER_PARKED_ID = "x-herald-parked-id"
 # Attempts numbered up to this one were used before a replay with a fresh budget.
 HEADER_ATTEMPT_BASE = "x-herald-attempt-base"
 # When Herald first saw the message (epoch seconds), kept across retries.
@@ -159,7 +157,7 @@ class Pipeline:
         if HEADER_FIRST_SEEN not in headers:
             headers[HEADER_FIRST_SEEN] = _published_at(message)
         attempt = _int_header(headers.get(HEADER_ATTEMPT), 1)
-        request, problem = _decode(message.body, channel)
+        request, problem = decode_request(message.body, channel)
         if request is None:
             await self._park_invalid(message, channel, attempt, problem)
             return Outcome("parked", None, attempt, ErrorType.INVALID_PAYLOAD)
@@ -418,7 +416,7 @@ class Pipeline:
         lane: str,
     ) -> None:
         """Republish through the delay levels (confirmed), then record the outcome."""
-        headers = _forwarded(incoming) | _error_headers(error) | {HEADER_ATTEMPT: next_attempt}
+        headers = _forwarded(incoming) | error_headers(error) | {HEADER_ATTEMPT: next_attempt}
         await self._infra(
             "broker",
             lambda: self.publisher.publish_delayed(
@@ -513,57 +511,12 @@ class Pipeline:
         recipient: str | None,
         campaign_id: str | None,
     ) -> None:
-        """Park the original bytes with the reason in headers, index the parked
-        copy for operators, then post a notice."""
-        parked_at = self.now()
-        parked_id = uuid.uuid4()
-        headers = _error_headers(error) | {
-            HEADER_ATTEMPT: attempt,
-            HEADER_PARKED_AT: parked_at.isoformat(),
-            HEADER_CHANNEL: channel,
-            HEADER_PARKED_ID: str(parked_id),
-        }
-        if message_id:
-            headers[HEADER_MESSAGE_ID] = message_id
-        names = self.publisher.names
-        await self._infra(
-            "broker",
-            lambda: self.publisher.publish(
-                names.parked, names.parked, body, headers=headers, message_id=message_id,
-                content_type=content_type,
-            ),
+        """Park the original bytes with the reason (see :mod:`consumer.parking`)."""
+        await park(
+            self.publisher, self.store, body=body, channel=channel, message_id=message_id,
+            attempt=attempt, error=error, recipient=recipient, campaign_id=campaign_id,
+            parked_at=self.now(), content_type=content_type, run=self._infra,
         )
-        await self._infra(
-            "database",
-            lambda: self.store.record_parked(
-                parked_id=parked_id, message_id=message_id, channel=channel,
-                recipient=recipient, campaign_id=campaign_id, attempts=attempt,
-                error_type=error.error_type.value, error_code=error.code,
-                last_error=error.message, parked_at=parked_at, body=body,
-                headers={k: v for k, v in headers.items() if isinstance(v, str | int)},
-            ),
-        )
-        notice = json.dumps(
-            {
-                "parked_id": str(parked_id),
-                "message_id": message_id,
-                "channel": channel,
-                "error_type": error.error_type.value,
-                "error_code": error.code,
-                "last_error": error.message[:500],
-                "attempt": attempt,
-                "parked_at": parked_at.isoformat(),
-            }
-        ).encode()
-        # Nobody may be listening for notices yet: an unroutable notice is fine.
-        await self._infra(
-            "broker",
-            lambda: self.publisher.publish(
-                names.notifications, f"parked.{channel}.{error.error_type.value}", notice,
-                mandatory=False,
-            ),
-        )
-        metrics.PARKED.labels(channel, error.error_type.value).inc()
 
     async def _defer(
         self,
@@ -647,7 +600,7 @@ class Pipeline:
         raise Stopping()
 
 
-def _decode(body: bytes, channel: str) -> tuple[SendRequest | None, str]:
+def decode_request(body: bytes, channel: str) -> tuple[SendRequest | None, str]:
     if len(body) > MAX_BODY_BYTES:
         return None, f"body of {len(body)} bytes exceeds the {MAX_BODY_BYTES}-byte limit"
     try:
@@ -758,9 +711,3 @@ def _forwarded(incoming: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in incoming.items() if k not in _PER_ATTEMPT}
 
 
-def _error_headers(error: DeliveryError) -> dict[str, Any]:
-    return {
-        HEADER_ERROR_TYPE: error.error_type.value,
-        HEADER_ERROR_CODE: error.code or "",
-        HEADER_LAST_ERROR: error.message[:1000],
-    }

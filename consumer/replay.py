@@ -50,8 +50,7 @@ from consumer.parked import (
     rows_for,
 )
 from consumer.parking_queue import Delivery, lot_lock
-from consumer.pipeline import HEADER_ATTEMPT_BASE, lane_of
-from consumer.pipeline import _decode as decode_request
+from consumer.pipeline import HEADER_ATTEMPT_BASE, decode_request, lane_of
 from consumer.publisher import HEADER_ATTEMPT, Publisher
 from schemas import SendRequest
 

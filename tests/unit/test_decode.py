@@ -1,4 +1,4 @@
-"""The pipeline's pure helpers: ``_decode`` (step 1 of DESIGN.md §5) and ``_int_header``."""
+"""The pipeline's pure helpers: ``decode_request`` (step 1 of DESIGN.md §5) and ``_int_header``."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from consumer.pipeline import MAX_BODY_BYTES, _decode, _int_header
+from consumer.pipeline import MAX_BODY_BYTES, _int_header, decode_request
 
 PHONE = "+15551234567"
 
@@ -20,7 +20,7 @@ def body(**changes: Any) -> bytes:
 
 
 def rejected(raw: bytes, channel: str = "sms") -> str:
-    request, reason = _decode(raw, channel)
+    request, reason = decode_request(raw, channel)
     assert request is None
     assert reason, "a rejection needs a reason"
     assert "\n" not in reason
@@ -29,7 +29,7 @@ def rejected(raw: bytes, channel: str = "sms") -> str:
 
 
 def test_a_valid_request_decodes() -> None:
-    request, reason = _decode(body(), "sms")
+    request, reason = decode_request(body(), "sms")
     assert reason == ""
     assert request is not None
     assert (request.message_id, request.channel, request.to, request.body) == (
@@ -38,7 +38,7 @@ def test_a_valid_request_decodes() -> None:
 
 
 def test_non_ascii_utf8_is_fine() -> None:
-    request, _ = _decode(body(body="Grüße ✓ 你好"), "sms")
+    request, _ = decode_request(body(body="Grüße ✓ 你好"), "sms")
     assert request is not None and request.body == "Grüße ✓ 你好"
 
 
@@ -115,7 +115,7 @@ def test_body_of_exactly_the_limit_is_accepted() -> None:
     padding = MAX_BODY_BYTES - len(skeleton)
     raw = body(channel="http", to="https://example.com/", body="x" * padding)
     assert len(raw) == MAX_BODY_BYTES
-    request, reason = _decode(raw, "http")
+    request, reason = decode_request(raw, "http")
     assert reason == "" and request is not None
     assert rejected(raw + b" ", "http").startswith("body of ")
 
@@ -124,7 +124,7 @@ def test_body_of_exactly_the_limit_is_accepted() -> None:
                                                 ("http", "messenger")])
 def test_channel_that_does_not_match_the_queue(in_body: str, queue: str) -> None:
     raw = body(channel=in_body, to="https://example.com/" if in_body == "http" else PHONE)
-    assert _decode(raw, in_body)[0] is not None
+    assert decode_request(raw, in_body)[0] is not None
     reason = rejected(raw, queue)
     assert reason == (
         f"channel {in_body!r} in the body does not match the queue's channel {queue!r}"

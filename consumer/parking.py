@@ -1,0 +1,95 @@
+"""Parking a message: the one way the pipeline and the events consumer do it.
+
+The original bytes go to ``{prefix}.parked`` with the reason in ``x-herald-*``
+headers (confirmed by the broker), then the copy is indexed in
+``parked_messages`` for operators, then a notice goes to
+``{prefix}.notifications`` as ``parked.{channel}.{error_type}`` for whoever
+routes escalations to chat or paging.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Awaitable, Callable
+from datetime import datetime
+from typing import Any
+
+from consumer import metrics
+from consumer.errors import DeliveryError
+from consumer.publisher import HEADER_ATTEMPT, Publisher
+from consumer.store import Store
+
+HEADER_ERROR_TYPE = "x-herald-error-type"
+HEADER_ERROR_CODE = "x-herald-error-code"
+HEADER_LAST_ERROR = "x-herald-last-error"
+HEADER_PARKED_AT = "x-herald-parked-at"
+HEADER_CHANNEL = "x-herald-channel"
+HEADER_MESSAGE_ID = "x-herald-message-id"
+HEADER_PARKED_ID = "x-herald-parked-id"
+
+# Runs one broker or database step; the pipeline's retries outages, by default
+# a step simply runs.
+Runner = Callable[[str, Callable[[], Awaitable[Any]]], Awaitable[Any]]
+
+
+async def _once(component: str, step: Callable[[], Awaitable[Any]]) -> Any:
+    return await step()
+
+
+def error_headers(error: DeliveryError) -> dict[str, Any]:
+    """The ``x-herald-error-*`` headers of a failed attempt."""
+    return {
+        HEADER_ERROR_TYPE: error.error_type.value,
+        HEADER_ERROR_CODE: error.code or "",
+        HEADER_LAST_ERROR: error.message[:1000],
+    }
+
+
+async def park(
+    publisher: Publisher,
+    store: Store,
+    *,
+    body: bytes,
+    channel: str,
+    message_id: str | None,
+    attempt: int,
+    error: DeliveryError,
+    recipient: str | None,
+    campaign_id: str | None,
+    parked_at: datetime,
+    parked_id: uuid.UUID | None = None,
+    content_type: str | None = "application/json",
+    run: Runner = _once,
+) -> uuid.UUID:
+    """Park ``body`` with the reason; returns the parked copy's id."""
+    parked_id = parked_id or uuid.uuid4()
+    headers = error_headers(error) | {
+        HEADER_ATTEMPT: attempt,
+        HEADER_PARKED_AT: parked_at.isoformat(),
+        HEADER_CHANNEL: channel,
+        HEADER_PARKED_ID: str(parked_id),
+    }
+    if message_id:
+        headers[HEADER_MESSAGE_ID] = message_id
+    names = publisher.names
+    await run("broker", lambda: publisher.publish(
+        names.parked, names.parked, body, headers=headers, message_id=message_id,
+        content_type=content_type))
+    await run("database", lambda: store.record_parked(
+        parked_id=parked_id, message_id=message_id, channel=channel, recipient=recipient,
+        campaign_id=campaign_id, attempts=attempt, error_type=error.error_type.value,
+        error_code=error.code, last_error=error.message, parked_at=parked_at, body=body,
+        headers={k: v for k, v in headers.items() if isinstance(v, str | int)}))
+    notice = json.dumps({
+        "parked_id": str(parked_id), "message_id": message_id, "channel": channel,
+        "error_type": error.error_type.value, "error_code": error.code,
+        "last_error": error.message[:500], "attempt": attempt,
+        "parked_at": parked_at.isoformat(),
+    }).encode()
+    # Nobody may be listening for notices yet: an unroutable notice is fine.
+    await run("broker", lambda: publisher.publish(
+        names.notifications, f"parked.{channel}.{error.error_type.value}", notice,
+        mandatory=False))
+    metrics.PARKED.labels(channel, error.error_type.value).inc()
+    return parked_id
