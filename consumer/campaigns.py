@@ -21,8 +21,10 @@ import string
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import time as dt_time
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import asyncpg
 
@@ -41,6 +43,11 @@ class CampaignDefaults:
     base_delay_s: float | None = None
     max_delay_s: float | None = None
     retry_mode: str | None = None
+    priority: str | None = None
+    daily_limit: int | None = None
+    timezone: str | None = None
+    quiet_start: dt_time | None = None
+    quiet_end: dt_time | None = None
 
     def check(self) -> None:
         if not 1 <= len(self.campaign_id) <= 200:
@@ -53,9 +60,30 @@ class CampaignDefaults:
                 raise ConfigError(f"{flag}: must be between 1 and 262143 seconds")
         if self.retry_mode is not None and self.retry_mode not in RETRY_MODES:
             raise ConfigError(f"--retry-mode: must be one of {', '.join(RETRY_MODES)}")
+        if self.priority is not None and self.priority not in ("high", "normal"):
+            raise ConfigError("--priority: must be high or normal")
+        if self.daily_limit is not None and self.daily_limit < 1:
+            raise ConfigError("--daily-limit: must be at least 1")
+        if self.timezone is not None:
+            try:
+                ZoneInfo(self.timezone)
+            except (ZoneInfoNotFoundError, ValueError):
+                raise ConfigError(f"--timezone: unknown time zone {self.timezone!r}") from None
+        if (self.quiet_start is None) != (self.quiet_end is None):
+            raise ConfigError("--quiet-hours: give both ends, e.g. 22:00-07:00")
+
+
+def quiet_hours(text: str) -> tuple[dt_time, dt_time]:
+    """``22:00-07:00`` → (22:00, 07:00); ValueError with a readable reason."""
+    try:
+        start, end = (dt_time.fromisoformat(part.strip()) for part in text.split("-"))
+    except ValueError:
+        raise ValueError(f"expected HH:MM-HH:MM, got {text!r}") from None
+    return start, end
 
 
 _FIELDS = ("campaign_id", "name", "max_attempts", "base_delay_s", "max_delay_s", "retry_mode",
+           "priority", "daily_limit", "timezone", "quiet_start", "quiet_end",
            "created_at", "updated_at")
 
 
@@ -65,18 +93,25 @@ async def save(pool: asyncpg.Pool, spec: CampaignDefaults) -> tuple[bool, dict[s
     async with pool.acquire() as conn, conn.transaction():
         row = await conn.fetchrow(
             f"""INSERT INTO campaigns AS c (campaign_id, name, max_attempts, base_delay_s,
-                       max_delay_s, retry_mode)
-                VALUES ($1, $2, $3, $4, $5, $6)
+                       max_delay_s, retry_mode, priority, daily_limit, timezone,
+                       quiet_start, quiet_end)
+                VALUES ($1, $2, $3, $4, $5, $6, $7, $8, COALESCE($9, 'UTC'), $10, $11)
                 ON CONFLICT (campaign_id) DO UPDATE SET
                     name = COALESCE(EXCLUDED.name, c.name),
                     max_attempts = COALESCE(EXCLUDED.max_attempts, c.max_attempts),
                     base_delay_s = COALESCE(EXCLUDED.base_delay_s, c.base_delay_s),
                     max_delay_s = COALESCE(EXCLUDED.max_delay_s, c.max_delay_s),
                     retry_mode = COALESCE(EXCLUDED.retry_mode, c.retry_mode),
+                    priority = COALESCE(EXCLUDED.priority, c.priority),
+                    daily_limit = COALESCE(EXCLUDED.daily_limit, c.daily_limit),
+                    timezone = COALESCE($9, c.timezone),
+                    quiet_start = COALESCE(EXCLUDED.quiet_start, c.quiet_start),
+                    quiet_end = COALESCE(EXCLUDED.quiet_end, c.quiet_end),
                     updated_at = now()
                 RETURNING {", ".join(_FIELDS)}, (xmax = 0) AS created""",
             spec.campaign_id, spec.name, spec.max_attempts, spec.base_delay_s,
-            spec.max_delay_s, spec.retry_mode)
+            spec.max_delay_s, spec.retry_mode, spec.priority, spec.daily_limit, spec.timezone,
+            spec.quiet_start, spec.quiet_end)
         assert row is not None
         base, cap = row["base_delay_s"], row["max_delay_s"]
         if base is not None and cap is not None and base > cap:
@@ -85,7 +120,8 @@ async def save(pool: asyncpg.Pool, spec: CampaignDefaults) -> tuple[bool, dict[s
 
 
 def _jsonable(row: asyncpg.Record) -> dict[str, Any]:
-    return {k: (row[k].isoformat() if k.endswith("_at") else row[k]) for k in _FIELDS}
+    return {k: (row[k].isoformat(timespec="minutes") if isinstance(row[k], dt_time)
+                else row[k].isoformat() if k.endswith("_at") else row[k]) for k in _FIELDS}
 
 
 async def get(pool: asyncpg.Pool, campaign_id: str) -> dict[str, Any] | None:

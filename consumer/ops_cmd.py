@@ -58,6 +58,15 @@ def moment(text: str) -> datetime:
     return when
 
 
+def _quiet_hours(text: str) -> tuple[Any, Any]:
+    from consumer.campaigns import quiet_hours
+
+    try:
+        return quiet_hours(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def positive(text: str) -> float:
     try:
         value = float(text)
@@ -148,6 +157,12 @@ def add_parsers(sub: Any, parser_class: type[argparse.ArgumentParser]) -> None:
     p.add_argument("--base-delay", type=positive, help="seconds")
     p.add_argument("--max-delay", type=positive, help="seconds")
     p.add_argument("--retry-mode", choices=("auto", "manual"))
+    p.add_argument("--priority", choices=("high", "normal"),
+                   help="high: the campaign's messages use the transactional lane")
+    p.add_argument("--daily-limit", type=count, help="sends per day (first attempts first)")
+    p.add_argument("--timezone", help="IANA zone of the campaign's days and quiet hours")
+    p.add_argument("--quiet-hours", type=_quiet_hours, metavar="HH:MM-HH:MM",
+                   help="no sends in this window, e.g. 22:00-07:00")
     as_json(p)
     p = csub.add_parser("show", help="a campaign's defaults, policy in force and statistics")
     p.add_argument("campaign_id")
@@ -540,9 +555,11 @@ async def _campaign(args: argparse.Namespace, settings: Settings, pool: asyncpg.
                   f" {item['max_delay_s'] or '-'}  mode {item['retry_mode'] or '-'}")
         return 0
     if args.campaign_command == "create":
+        quiet = args.quiet_hours or (None, None)
         created, saved = await campaigns.save(pool, campaigns.CampaignDefaults(
             args.campaign_id, args.name, args.max_attempts, args.base_delay,
-            args.max_delay, args.retry_mode))
+            args.max_delay, args.retry_mode, args.priority, args.daily_limit, args.timezone,
+            quiet[0], quiet[1]))
         await _audit(pool, "campaign.create" if created else "campaign.update",
                      {k: v for k, v in saved.items() if not k.endswith("_at")}, 1)
         if args.json:

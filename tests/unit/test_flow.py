@@ -97,3 +97,20 @@ def test_quiet_hours_within_a_day_and_unset() -> None:
     assert quiet_until(now, zone("UTC"), time(12), time(14)) == datetime(
         2026, 11, 23, 14, 0, tzinfo=UTC)
     assert quiet_until(now, zone("UTC"), None, time(14)) is None
+
+
+def test_campaign_flow_fields_are_checked() -> None:
+    from consumer.campaigns import CampaignDefaults, quiet_hours
+    from consumer.errors import ConfigError
+
+    assert quiet_hours("22:00-07:00") == (time(22, 0), time(7, 0))
+    with pytest.raises(ValueError, match="HH:MM-HH:MM"):
+        quiet_hours("22-7-1")
+    CampaignDefaults("c", daily_limit=250, timezone="Europe/Paris", priority="high",
+                     quiet_start=time(22), quiet_end=time(7)).check()
+    for bad, flag in ((CampaignDefaults("c", timezone="Mars/Olympus"), "--timezone"),
+                      (CampaignDefaults("c", daily_limit=0), "--daily-limit"),
+                      (CampaignDefaults("c", priority="urgent"), "--priority"),
+                      (CampaignDefaults("c", quiet_start=time(22)), "--quiet-hours")):
+        with pytest.raises(ConfigError, match=flag):
+            bad.check()
