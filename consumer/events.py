@@ -137,13 +137,17 @@ class Decision:
 
 
 def decide(error: DeliveryError, attempt: int, policy: RetryPolicy,
-           provider_wide_delay_s: float = PROVIDER_WIDE_DELAY_S) -> Decision:
-    """Retry, pause or park, exactly as the pipeline decides for a synchronous failure."""
+           provider_wide_delay_s: float = PROVIDER_WIDE_DELAY_S, *, base: int = 0) -> Decision:
+    """Retry, pause or park, exactly as the pipeline decides for a synchronous failure.
+
+    ``base``: attempts made before the last replay with a fresh budget.
+    """
     if error.provider_wide:
         delay = max(1, math.ceil(provider_wide_delay_s), math.ceil(error.retry_after or 0))
         return Decision("pause", error, "paused", attempt, delay)
-    if should_retry(attempt, policy, error.retryable):
-        delay = retry_delay(attempt, policy, retry_after=error.retry_after)
+    used = max(1, attempt - base)
+    if should_retry(used, policy, error.retryable):
+        delay = retry_delay(used, policy, retry_after=error.retry_after)
         return Decision("retry", error, "retrying", attempt + 1, delay)
     return Decision("park", error, "failed", None, 0)
 
@@ -357,7 +361,10 @@ class EventsConsumer:
             wait: float = PROVIDER_WIDE_DELAY_S
             if error.provider_wide and self.on_provider_wide is not None:
                 wait = self.on_provider_wide(row["channel"], error)
-            decision = decide(error, row["attempts"], policy, wait)
+            # The retry budget counts from the last replay with a fresh one.
+            base = await conn.fetchval(
+                "SELECT attempt_base FROM messages WHERE message_id = $1", row["message_id"])
+            decision = decide(error, row["attempts"], policy, wait, base=base or 0)
             now = datetime.now(UTC)
             next_at = (now + timedelta(seconds=decision.delay_s)
                        if decision.kind != "park" else None)

@@ -216,7 +216,8 @@ class Pipeline:
                                          "daily_limit", lane)
         if self.hooks is not None:
             await self.hooks.acquire(channel, lane)
-        claim = await self._claim(request, message.body, attempt, urgent=lane == "main")
+        claim = await self._claim(request, message.body, attempt, attempt - used,
+                                  urgent=lane == "main")
         if claim is None:
             metrics.DUPLICATES.labels(channel).inc()
             return Outcome("duplicate", request.message_id, attempt)
@@ -343,7 +344,7 @@ class Pipeline:
         return Outcome("diverted", request.message_id, attempt)
 
     async def _claim(
-        self, request: SendRequest, body: bytes, attempt: int, *, urgent: bool
+        self, request: SendRequest, body: bytes, attempt: int, base: int, *, urgent: bool
     ) -> bool | None:
         """Claim the attempt; True to send, None when this copy must not be sent."""
         while True:
@@ -353,7 +354,7 @@ class Pipeline:
                     message_id=request.message_id, channel=request.channel,
                     recipient=request.to, campaign_id=request.campaign_id,
                     payload_json=body.decode("utf-8"), attempt=attempt, owner=self.instance_id,
-                    lease_s=self.lease_s, urgent=urgent,
+                    lease_s=self.lease_s, attempt_base=base, urgent=urgent,
                 ),
                 before_send=True,
             )

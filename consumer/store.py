@@ -117,6 +117,7 @@ class Store:
         attempt: int,
         owner: str,
         lease_s: float,
+        attempt_base: int = 0,
         urgent: bool = False,
     ) -> Claim:
         """Claim attempt ``attempt`` of a message (see ``herald_claim`` in sql/0001).
@@ -127,7 +128,7 @@ class Store:
         return await self._claims.submit({
             "message_id": message_id, "channel": channel, "recipient": recipient,
             "campaign_id": campaign_id, "payload_json": payload_json, "attempt": attempt,
-            "owner": owner, "lease_s": lease_s,
+            "owner": owner, "lease_s": lease_s, "attempt_base": attempt_base,
         }, urgent=urgent)
 
     async def _claim_many(self, items: Sequence[dict[str, Any]]) -> list[Claim]:

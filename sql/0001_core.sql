@@ -26,6 +26,9 @@ CREATE TABLE messages (
     payload             jsonb NOT NULL,
     -- attempts claimed so far (the attempt being made while status = 'sending')
     attempts            integer NOT NULL DEFAULT 0,
+    -- attempts made before the last replay with a fresh budget (the retry
+    -- budget counts attempts - attempt_base)
+    attempt_base        integer NOT NULL DEFAULT 0,
     provider            text,
     provider_message_id text,
     last_error_type     text,
@@ -91,7 +94,7 @@ CREATE INDEX delivery_attempts_error_type_idx ON delivery_attempts (error_type, 
 
 -- Claim a batch of attempts (one transaction for all the messages in flight).
 -- p_items: [{"idx", "message_id", "channel", "recipient", "campaign_id",
---            "payload", "attempt", "owner", "lease_s"}, ...] with distinct
+--            "payload", "attempt", "attempt_base", "owner", "lease_s"}, ...] with distinct
 -- message_ids (the caller holds back a second copy of the same message).
 --
 -- outcome per item:
@@ -115,16 +118,19 @@ BEGIN
 RETURN QUERY
 WITH input AS (
     SELECT x.idx, x.message_id, x.channel, x.recipient, x.campaign_id, x.payload, x.attempt,
-           x.owner, clock_timestamp() + make_interval(secs => x.lease_s) AS lease_end
+           COALESCE(x.attempt_base, 0) AS attempt_base, x.owner,
+           clock_timestamp() + make_interval(secs => x.lease_s) AS lease_end
       FROM jsonb_to_recordset(p_items) AS x(
            idx integer, message_id text, channel text, recipient text, campaign_id text,
-           payload jsonb, attempt integer, owner text, lease_s double precision)
+           payload jsonb, attempt integer, attempt_base integer, owner text,
+           lease_s double precision)
 ),
 inserted AS (
     INSERT INTO messages (message_id, status, channel, recipient, campaign_id, payload,
-                          attempts, claimed_by, claimed_until, queued_at, sending_at)
-    SELECT message_id, 'sending', channel, recipient, campaign_id, payload, attempt, owner,
-           lease_end, now(), now()
+                          attempts, attempt_base, claimed_by, claimed_until, queued_at,
+                          sending_at)
+    SELECT message_id, 'sending', channel, recipient, campaign_id, payload, attempt,
+           attempt_base, owner, lease_end, now(), now()
       FROM input
     ON CONFLICT (message_id) DO NOTHING
     RETURNING message_id
@@ -132,7 +138,7 @@ inserted AS (
 -- Rows that existed before this statement (this statement's own inserts are
 -- not visible here), locked, with the verdict for each copy.
 existing AS (
-    SELECT i.idx, i.message_id, i.attempt, i.owner, i.lease_end,
+    SELECT i.idx, i.message_id, i.attempt, i.attempt_base, i.owner, i.lease_end,
            m.status, m.attempts, m.claimed_until, COALESCE(m.sending_at, m.updated_at) AS began,
            CASE
                WHEN m.status IN ('sent', 'delivered', 'read', 'cancelled', 'expired')
@@ -159,7 +165,8 @@ abandoned AS (
 ),
 claimed AS (
     UPDATE messages m
-       SET status = 'sending', attempts = e.attempt, claimed_by = e.owner,
+       SET status = 'sending', attempts = e.attempt, attempt_base = e.attempt_base,
+           claimed_by = e.owner,
            claimed_until = e.lease_end, sending_at = now(), updated_at = now(),
            next_attempt_at = NULL
       FROM existing e

@@ -249,3 +249,18 @@ def test_event_id_is_the_amqp_message_id_or_derived_stably() -> None:
             == event_id_of(_Message(None, b"x")))  # type: ignore[arg-type]
     assert (event_id_of(_Message(None, b"x"))  # type: ignore[arg-type]
             != event_id_of(_Message(None, b"y")))  # type: ignore[arg-type]
+
+
+def test_reported_failure_budget_counts_from_the_last_fresh_budget() -> None:
+    """A replayed message (attempt base 5) reported failed on attempt 6 has used one
+    attempt of its new budget: it is retried, not parked."""
+    from consumer.backoff import RetryPolicy
+    from consumer.errors import DeliveryError, ErrorType
+    from consumer.events import decide
+
+    policy = RetryPolicy(max_attempts=3, base_delay_s=1, max_delay_s=8, jitter=0)
+    error = DeliveryError(ErrorType.PROVIDER_ERROR, "30003", code="30003", retryable=True)
+    assert decide(error, 6, policy).kind == "park"
+    retried = decide(error, 6, policy, base=5)
+    assert retried.kind == "retry" and retried.resend_attempt == 7 and retried.delay_s == 1
+    assert decide(error, 8, policy, base=5).kind == "park"
