@@ -3,10 +3,11 @@
 Messages that are ``sent``, ``delivered``, ``read``, ``cancelled`` or
 ``expired`` and unchanged for longer than the cut-off go, with their
 attempts (cascade), provider events, operator actions and resolved parking
-index rows. ``failed`` messages stay (someone may still replay them), and so
-does every row of the parking lot that is still parked. Each batch is its
-own short transaction, so pruning never holds locks on many rows at once and
-can be interrupted at any point.
+index rows; so do old finished provider events that belong to no single
+message (Messenger watermarks, orphans). ``failed`` messages stay (someone
+may still replay them), and so does every row of the parking lot that is
+still parked. Each batch is its own short transaction, so pruning never
+holds locks on many rows at once and can be interrupted at any point.
 """
 
 from __future__ import annotations
@@ -100,6 +101,19 @@ async def prune(pool: asyncpg.Pool, older_than: timedelta, *, batch_size: int = 
                         LIMIT $2)""", cutoff, batch_size)
             count = int(deleted.split()[-1])
             report.parked_rows += count
+            if count < batch_size:
+                break
+        # Events tied to no one message (Messenger watermarks, orphans) that are
+        # finished with: nothing else would ever delete them.
+        while events:
+            deleted = await conn.execute(
+                """DELETE FROM provider_events WHERE id IN (
+                       SELECT id FROM provider_events
+                        WHERE message_id IS NULL AND outcome IS NOT NULL
+                          AND stored_at < $1
+                        LIMIT $2)""", cutoff, batch_size)
+            count = int(deleted.split()[-1])
+            report.provider_events += count
             if count < batch_size:
                 break
     log.info("prune.done", **report.to_json())

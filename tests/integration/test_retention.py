@@ -45,6 +45,14 @@ async def test_prune_deletes_old_finished_messages_and_keeps_the_rest(
            VALUES ($1, 'old-delivered-0', 'resend', 'sms', 2, 'provider_error')""", event_row)
     await db.execute("INSERT INTO message_actions (message_id, action, actor)"
                      " VALUES ('old-sent-0', 'replayed', 'test')")
+    # Messenger watermarks belong to no one message: an old finished one goes, a
+    # recent one and an old one still pending stay.
+    for outcome, days in (("applied", 120), ("applied", 1), (None, 120)):
+        await db.execute(
+            """INSERT INTO provider_events (event_id, provider, status, occurred_at,
+                                            stored_at, recipient, watermark, outcome)
+               VALUES ($1, 'messenger', 'read', now(), now() - make_interval(days => $2),
+                       '123456789', now(), $3)""", uuid.uuid4(), days, outcome)
     for message_id, state in (("old-failed", "parked"), ("old-sent-1", "replayed")):
         await db.execute(
             """INSERT INTO parked_messages (parked_id, message_id, channel, attempts,
@@ -63,12 +71,15 @@ async def test_prune_deletes_old_finished_messages_and_keeps_the_rest(
                                 "--json")
     assert code == 0, err
     report = json.loads(out)
-    assert report == {"dry_run": False, "messages": 8, "attempts": 8, "provider_events": 1,
+    assert report == {"dry_run": False, "messages": 8, "attempts": 8, "provider_events": 2,
                       "actions": 1, "parked_rows": 1, "batches": 3}
     left = dict(await db.fetch("SELECT message_id, status FROM messages"))
     assert left == {"old-failed": "failed", "new-sent": "sent"}
     assert await db.fetchval("SELECT count(*) FROM delivery_attempts") == 2
-    assert await db.fetchval("SELECT count(*) FROM provider_events") == 0
+    assert await db.fetchval("SELECT count(*) FROM provider_events") == 2
+    assert await db.fetchval("SELECT count(*) FROM provider_events WHERE message_id IS NULL"
+                             " AND (outcome IS NULL OR stored_at > now() - interval '2 days')"
+                             ) == 2
     assert await db.fetchval("SELECT count(*) FROM event_actions") == 0
     assert await db.fetchval(
         "SELECT array_agg(state) FROM parked_messages") == ["parked"]
