@@ -43,12 +43,16 @@ herald_pid=$!
 children+=("$herald_pid")
 
 ready="http://127.0.0.1:${HERALD_HTTP_PORT:-8080}/readyz"
+is_ready() {
+    "$REPO/.venv/bin/python" -c 'import sys, urllib.request
+urllib.request.urlopen(sys.argv[1], timeout=2)' "$ready" > /dev/null 2>&1
+}
 for _ in $(seq 1 120); do
-    curl -fsS "$ready" > /dev/null 2>&1 && break
+    is_ready && break
     kill -0 "$herald_pid" 2>/dev/null || die "herald run stopped; see .local/herald.log"
     sleep 0.5
 done
-curl -fsS "$ready" > /dev/null || die "herald run not ready after 60 s; see .local/herald.log"
+is_ready || die "herald run not ready after 60 s; see .local/herald.log"
 echo "herald is running (logs: .local/herald.log, sandbox: .local/sandbox.log)"
 echo
 
