@@ -6,7 +6,7 @@ transactional messages and ``bulk`` for campaigns, each consumed by a
 other. A :class:`ChannelControl` holds what the lanes share: the pause state
 (expired token, open breaker), the rate limiter and the breaker.
 
-Each delivery runs in the task aio-pika gives it, kept in a set (never
+Each delivery runs in a task of its own, kept in a set (never
 fire-and-forget); the broker's prefetch bounds how many exist at once.
 Stopping cancels the consumers first (no new work), waits up to a grace
 period for the tasks in flight, then cancels the rest, which leaves their
@@ -85,11 +85,16 @@ class LaneConsumer:
             await self._amqp_channel.set_qos(prefetch_count=prefetch)
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
-        # aio-pika already runs each delivery in a task of its own: track that task
-        # (for the graceful drain) rather than spawning another one per message.
-        task = asyncio.current_task()
-        assert task is not None
+        # The delivery runs in a task of our own, shielded from aio-pika's: when the
+        # broker connection drops, aio-pika cancels its consumer tasks, and a send
+        # already made must still be recorded (or the redelivered copy would be
+        # sent again). Only the graceful drain cancels our tasks.
+        task = asyncio.create_task(self._process(message))
         self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        await asyncio.shield(task)
+
+    async def _process(self, message: AbstractIncomingMessage) -> None:
         self._in_flight.inc()
         try:
             await self.pipeline.process(message, self.channel_name, self.lane)
@@ -103,7 +108,6 @@ class LaneConsumer:
                 await message.nack(requeue=True)
         finally:
             self._in_flight.dec()
-            self.tasks.discard(task)
 
     async def stop_consuming(self) -> None:
         if self._queue is not None and self._consumer_tag is not None:

@@ -4,8 +4,10 @@ in-process Herald services. Cleanup runs in reverse order of set-up."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime
@@ -14,7 +16,7 @@ from pathlib import Path
 import aio_pika
 import asyncpg
 import pytest
-from aio_pika.abc import AbstractRobustConnection
+from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 from aiohttp import web
 
 from consumer.migrate import migrate
@@ -48,16 +50,28 @@ async def amqp() -> AsyncIterator[AbstractRobustConnection]:
     await connection.close()
 
 
+async def _open_channel(connection: AbstractRobustConnection) -> AbstractChannel:
+    """A channel, once the session's connection is back (a fault test restarts the broker)."""
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            return await connection.channel()
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.5)
+
+
 @pytest.fixture
 async def prefix(amqp: AbstractRobustConnection) -> AsyncIterator[str]:
     """A fresh exchange/queue prefix, deleted after the test."""
     name = f"t{uuid.uuid4().hex[:10]}"
     topology = Topology(Names(name))
-    channel = await amqp.channel()
+    channel = await _open_channel(amqp)
     await topology.declare(channel)
     await channel.close()
     yield name
-    channel = await amqp.channel()
+    channel = await _open_channel(amqp)
     try:
         for q in topology.queues:
             await channel.queue_delete(q["name"])
