@@ -4,14 +4,22 @@ Runs, in one go and on the same broker and database:
 
 1. ceiling   — a bare aio-pika consumer that only acks, draining N pre-published
                messages (same prefetch as Herald);
-2. herald    — `herald run` in its own process draining N pre-published send
+2. floor     — the least any consumer of this design must do per message, with
+               no database and no validation: consume → aiohttp POST → ack, once
+               against a minimal hand-written HTTP responder and once against
+               the sandbox endpoint Herald uses. It bounds what Herald can reach
+               on this machine;
+3. herald    — `herald run` in its own process draining N pre-published send
                requests to a zero-latency sandbox endpoint (sandbox in its own
                process): published → claimed → sent → recorded → acked;
-3. latency   — the same with the sandbox answering after 200 ms;
-4. memory    — RSS of the Herald process sampled while M messages flow.
+4. latency   — the same with the sandbox answering after 200 ms;
+5. memory    — RSS of the Herald process sampled while M messages flow.
 
-Each figure is the median of --repeat runs. Prints a table and the ratio
-herald / ceiling. Usage: python bench/bench_pipeline.py [--n 20000] [--repeat 3]
+Everything runs on uvloop, the event loop `herald run` uses. For each run it
+prints the CPU used per delivery by every process involved (consumer, broker,
+HTTP endpoint, database) and how many cores that would take at half the
+ceiling's rate. Each figure is the median of --repeat runs.
+Usage: python bench/bench_pipeline.py [--n 20000] [--repeat 3]
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import multiprocessing
 import os
 import signal
 import socket
@@ -28,10 +37,12 @@ import sys
 import time
 import uuid
 from pathlib import Path
+from typing import cast
 
 import aio_pika
 import aiohttp
 import asyncpg
+import uvloop
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -134,11 +145,94 @@ async def measure_ceiling(n: int, prefetch: int) -> float:
         await queue.consume(on_message)
         await done.wait()
         elapsed = time.perf_counter() - t0
-        print(f"    cpu share of one core during the run: consumer "
-              f"{(time.process_time() - c0) / elapsed:.0%}, rabbitmq "
-              f"{(cpu_of(broker) - b0) / elapsed:.0%}", flush=True)
+        report_cpu(n, elapsed, consumer=time.process_time() - c0,
+                   rabbitmq=cpu_of(broker) - b0)
         await connection.close()
         return n / elapsed
+
+
+def report_cpu(n: int, elapsed: float, **used: float) -> float:
+    """Print each process's share of a core and the CPU per delivery; return µs/delivery."""
+    per_delivery = 1e6 * sum(used.values()) / n
+    print("    cpu share of one core: " + ", ".join(
+        f"{name} {cpu / elapsed:.0%}" for name, cpu in used.items())
+        + f"; all processes {per_delivery:.0f} µs CPU per delivery", flush=True)
+    return per_delivery
+
+
+class MinimalResponder(asyncio.Protocol):
+    """The cheapest HTTP/1.1 keep-alive endpoint: answers every request 200 "ok".
+
+    Only for the floor measurement: it parses just enough (end of headers,
+    Content-Length) to find where each request ends.
+    """
+
+    RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Type: text/plain\r\n\r\nok"
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self.transport = cast(asyncio.Transport, transport)
+        self.buffer = b""
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        while (end := self.buffer.find(b"\r\n\r\n")) >= 0:
+            length = 0
+            for line in self.buffer[:end].split(b"\r\n")[1:]:
+                name, _, value = line.partition(b":")
+                if name.strip().lower() == b"content-length":
+                    length = int(value)
+            if len(self.buffer) < end + 4 + length:
+                return
+            self.buffer = self.buffer[end + 4 + length:]
+            self.transport.write(self.RESPONSE)
+
+
+def serve_minimal(port: int) -> None:
+    async def serve() -> None:
+        server = await asyncio.get_running_loop().create_server(
+            MinimalResponder, "127.0.0.1", port)
+        async with server:
+            await server.serve_forever()
+
+    uvloop.run(serve())
+
+
+async def measure_floor(n: int, prefetch: int, url: str, server_pid: int) -> tuple[float, float]:
+    """Deliveries/s of consume → POST → ack with nothing else; CPU µs per delivery."""
+    async with Fixture() as fx:
+        await fx.publish(n, url)
+        connection = await aio_pika.connect_robust(AMQP_URL)
+        channel = await connection.channel()
+        await channel.set_qos(prefetch_count=prefetch)
+        queue = await channel.get_queue(fx.names.send_queue("http"), ensure=False)
+        session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=prefetch))
+        done = asyncio.Event()
+        count = 0
+
+        async def on_message(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+            nonlocal count
+            async with session.post(url, data=message.body,
+                                    headers={"Content-Type": "application/json"}) as r:
+                await r.read()
+                r.raise_for_status()
+            await message.ack()
+            count += 1
+            if count >= n:
+                done.set()
+
+        broker = pids_named("beam.smp")
+        t0, c0 = time.perf_counter(), time.process_time()
+        b0, s0 = cpu_of(broker), cpu_of([server_pid])
+        await queue.consume(on_message)
+        await done.wait()
+        elapsed = time.perf_counter() - t0
+        per_delivery = report_cpu(n, elapsed, consumer=time.process_time() - c0,
+                                  rabbitmq=cpu_of(broker) - b0,
+                                  endpoint=cpu_of([server_pid]) - s0)
+        await session.close()
+        await connection.close()
+        return n / elapsed, per_delivery
 
 
 async def start_process(
@@ -246,8 +340,9 @@ def rss_mib(pid: int) -> float:
 
 async def measure_herald(
     n: int, prefetch: int, latency_ms: float, log_dir: Path, *, processes: int = 1,
-) -> tuple[float, list[tuple[int, float]]]:
-    """Deliveries/s of `herald run` draining n pre-published requests; RSS samples."""
+) -> tuple[float, float, list[tuple[int, float]]]:
+    """Deliveries/s of `herald run` draining n pre-published requests, CPU µs per
+    delivery over all processes, and RSS samples."""
     async with Fixture() as fx:
         sandbox_port = free_port()
         sandbox = await start_process(["sandbox", "--port", str(sandbox_port)], {},
@@ -299,17 +394,16 @@ async def measure_herald(
                     f"http://127.0.0.1:{ports[0]}/metrics") as r:
                 exposition = await r.text()
             print("    " + batch_summary(exposition), flush=True)
-            wall = cpu1[4] - cpu0[4]
-            print("    cpu share of one core during the run: " + ", ".join(
-                f"{name} {(b - a) / wall:.0%}" for name, a, b in
-                zip(("herald", "sandbox", "rabbitmq", "postgres"), cpu0, cpu1, strict=False)),
-                f"({1e6 * (cpu1[0] - cpu0[0]) / n:.0f} µs herald CPU per message)", flush=True)
+            # Shares over the wall time since Herald started (its start-up included).
+            per_delivery = report_cpu(n, cpu1[4] - cpu0[4], **{
+                name: b - a for name, a, b in
+                zip(("herald", "sandbox", "rabbitmq", "postgres"), cpu0, cpu1, strict=False)})
         finally:
             await db.close()
             for h in heralds:
                 await stop(h)
             await stop(sandbox)
-        return n / elapsed, samples
+        return n / elapsed, per_delivery, samples
 
 
 async def main() -> None:
@@ -326,30 +420,63 @@ async def main() -> None:
     log_dir = REPO / ".local" / "bench"
     log_dir.mkdir(parents=True, exist_ok=True)
 
-    ceilings, heralds, slow = [], [], []
+    minimal_port = free_port()
+    minimal = multiprocessing.get_context("spawn").Process(
+        target=serve_minimal, args=(minimal_port,), daemon=True)
+    minimal.start()
+    assert minimal.pid is not None
+    sandbox_port = free_port()
+    sandbox = await start_process(["sandbox", "--port", str(sandbox_port)], {},
+                                  log_dir / "sandbox.log")
+    await wait_http(f"http://127.0.0.1:{sandbox_port}/_sandbox/counts")
+    await wait_http(f"http://127.0.0.1:{minimal_port}/")
+
+    rows: dict[str, list[tuple[float, float]]] = {
+        "ceiling": [], "floor_minimal": [], "floor_sandbox": [], "herald": []}
+    try:
+        for i in range(args.repeat):
+            rows["ceiling"].append((await measure_ceiling(args.n, args.prefetch), 0.0))
+            rows["floor_minimal"].append(await measure_floor(
+                args.n, args.prefetch, f"http://127.0.0.1:{minimal_port}/floor",
+                minimal.pid))
+            rows["floor_sandbox"].append(await measure_floor(
+                args.n, args.prefetch, f"http://127.0.0.1:{sandbox_port}/http/floor",
+                sandbox.pid))
+            rate, cpu, _ = await measure_herald(args.n, args.prefetch, 0, log_dir)
+            rows["herald"].append((rate, cpu))
+            print(f"run {i + 1}: " + "   ".join(
+                f"{name} {values[-1][0]:.0f}/s" for name, values in rows.items()), flush=True)
+    finally:
+        await stop(sandbox)
+        minimal.kill()
+    slow = []
     for i in range(args.repeat):
-        ceilings.append(await measure_ceiling(args.n, args.prefetch))
-        rate, _ = await measure_herald(args.n, args.prefetch, 0, log_dir)
-        heralds.append(rate)
-        print(f"run {i + 1}: ceiling {ceilings[-1]:8.0f}/s   herald {heralds[-1]:8.0f}/s",
-              flush=True)
-    for i in range(args.repeat):
-        rate, _ = await measure_herald(args.latency_n, args.latency_prefetch, 200, log_dir)
+        rate, _, _ = await measure_herald(args.latency_n, args.latency_prefetch, 200, log_dir)
         slow.append(rate)
         print(f"run {i + 1}: herald with 200 ms provider latency {rate:8.0f}/s", flush=True)
 
-    ceiling = statistics.median(ceilings)
-    herald = statistics.median(heralds)
+    ceiling = statistics.median(rate for rate, _ in rows["ceiling"])
     print()
     print(f"bare aio-pika ack-only ceiling : {ceiling:8.0f} deliveries/s (median of "
           f"{args.repeat}, {args.n} messages, prefetch {args.prefetch})")
-    print(f"herald end to end, 0 ms sandbox: {herald:8.0f} deliveries/s")
+    labels = {
+        "floor_minimal": "floor: consume, POST, ack; minimal HTTP responder",
+        "floor_sandbox": "floor: consume, POST, ack; sandbox endpoint",
+        "herald": "herald end to end, 0 ms sandbox",
+    }
+    for key, label in labels.items():
+        rate = statistics.median(r for r, _ in rows[key])
+        cpu = statistics.median(c for _, c in rows[key])
+        print(f"{label:52}: {rate:6.0f}/s  ratio {rate / ceiling:4.2f}  "
+              f"{cpu:4.0f} µs CPU/delivery → {cpu * ceiling / 2 / 1e6:.1f} cores at "
+              f"half the ceiling ({os.cpu_count()} here)")
+    herald = statistics.median(r for r, _ in rows["herald"])
     print(f"ratio herald / ceiling         : {herald / ceiling:8.2f}   (target >= 0.50)")
     print(f"herald, 200 ms sandbox latency : {statistics.median(slow):8.0f} deliveries/s "
           f"(prefetch {args.latency_prefetch}; target >= 1000)")
 
     if args.memory_n:
-        rate, samples = await measure_herald(args.memory_n, args.prefetch, 0, log_dir)
+        rate, _, samples = await measure_herald(args.memory_n, args.prefetch, 0, log_dir)
         marks = [samples[int(len(samples) * f)] for f in (0.1, 0.25, 0.5, 0.75)] + [samples[-1]]
         print(f"memory while {args.memory_n} messages flow ({rate:.0f}/s): "
               + ", ".join(f"{sent} sent → {rss:.0f} MiB" for sent, rss in marks))
@@ -358,4 +485,5 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    # The event loop `herald run` uses, so that the ceiling compares like with like.
+    uvloop.run(main())
