@@ -122,33 +122,49 @@ class Fixture:
         return int(queue.declaration_result.message_count or 0)
 
 
-async def measure_ceiling(n: int, prefetch: int) -> float:
-    """Deliveries/s of a consumer that does nothing but ack."""
+async def measure_consumer(
+    n: int, prefetch: int, *, url: str | None = None, endpoint_pid: int | None = None,
+) -> tuple[float, float]:
+    """Deliveries/s and CPU µs per delivery of a bare aio-pika consumer.
+
+    Without ``url`` it does nothing but ack (the ceiling); with one it first
+    POSTs each body there (the floor), counting the endpoint's CPU too.
+    """
     async with Fixture() as fx:
-        await fx.publish(n, "http://127.0.0.1:1/unused")
+        await fx.publish(n, url or "http://127.0.0.1:1/unused")
         connection = await aio_pika.connect_robust(AMQP_URL)
         channel = await connection.channel()
         await channel.set_qos(prefetch_count=prefetch)
         queue = await channel.get_queue(fx.names.send_queue("http"), ensure=False)
+        session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=prefetch))
         done = asyncio.Event()
         count = 0
 
         async def on_message(message: aio_pika.abc.AbstractIncomingMessage) -> None:
             nonlocal count
+            if url is not None:
+                async with session.post(url, data=message.body,
+                                        headers={"Content-Type": "application/json"}) as r:
+                    await r.read()
+                    r.raise_for_status()
             await message.ack()
             count += 1
             if count >= n:
                 done.set()
 
-        broker = pids_named("beam.smp")
-        t0, c0, b0 = time.perf_counter(), time.process_time(), cpu_of(broker)
+        processes = {"rabbitmq": pids_named("beam.smp")}
+        if endpoint_pid is not None:
+            processes["endpoint"] = [endpoint_pid]
+        t0, c0 = time.perf_counter(), time.process_time()
+        start = {name: cpu_of(pids) for name, pids in processes.items()}
         await queue.consume(on_message)
         await done.wait()
         elapsed = time.perf_counter() - t0
-        report_cpu(n, elapsed, consumer=time.process_time() - c0,
-                   rabbitmq=cpu_of(broker) - b0)
+        per_delivery = report_cpu(n, elapsed, consumer=time.process_time() - c0, **{
+            name: cpu_of(pids) - start[name] for name, pids in processes.items()})
+        await session.close()
         await connection.close()
-        return n / elapsed
+        return n / elapsed, per_delivery
 
 
 def report_cpu(n: int, elapsed: float, **used: float) -> float:
@@ -196,43 +212,6 @@ def serve_minimal(port: int) -> None:
             await server.serve_forever()
 
     uvloop.run(serve())
-
-
-async def measure_floor(n: int, prefetch: int, url: str, server_pid: int) -> tuple[float, float]:
-    """Deliveries/s of consume → POST → ack with nothing else; CPU µs per delivery."""
-    async with Fixture() as fx:
-        await fx.publish(n, url)
-        connection = await aio_pika.connect_robust(AMQP_URL)
-        channel = await connection.channel()
-        await channel.set_qos(prefetch_count=prefetch)
-        queue = await channel.get_queue(fx.names.send_queue("http"), ensure=False)
-        session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=prefetch))
-        done = asyncio.Event()
-        count = 0
-
-        async def on_message(message: aio_pika.abc.AbstractIncomingMessage) -> None:
-            nonlocal count
-            async with session.post(url, data=message.body,
-                                    headers={"Content-Type": "application/json"}) as r:
-                await r.read()
-                r.raise_for_status()
-            await message.ack()
-            count += 1
-            if count >= n:
-                done.set()
-
-        broker = pids_named("beam.smp")
-        t0, c0 = time.perf_counter(), time.process_time()
-        b0, s0 = cpu_of(broker), cpu_of([server_pid])
-        await queue.consume(on_message)
-        await done.wait()
-        elapsed = time.perf_counter() - t0
-        per_delivery = report_cpu(n, elapsed, consumer=time.process_time() - c0,
-                                  rabbitmq=cpu_of(broker) - b0,
-                                  endpoint=cpu_of([server_pid]) - s0)
-        await session.close()
-        await connection.close()
-        return n / elapsed, per_delivery
 
 
 async def start_process(
@@ -435,13 +414,13 @@ async def main() -> None:
         "ceiling": [], "floor_minimal": [], "floor_sandbox": [], "herald": []}
     try:
         for i in range(args.repeat):
-            rows["ceiling"].append((await measure_ceiling(args.n, args.prefetch), 0.0))
-            rows["floor_minimal"].append(await measure_floor(
-                args.n, args.prefetch, f"http://127.0.0.1:{minimal_port}/floor",
-                minimal.pid))
-            rows["floor_sandbox"].append(await measure_floor(
-                args.n, args.prefetch, f"http://127.0.0.1:{sandbox_port}/http/floor",
-                sandbox.pid))
+            rows["ceiling"].append(await measure_consumer(args.n, args.prefetch))
+            rows["floor_minimal"].append(await measure_consumer(
+                args.n, args.prefetch, url=f"http://127.0.0.1:{minimal_port}/floor",
+                endpoint_pid=minimal.pid))
+            rows["floor_sandbox"].append(await measure_consumer(
+                args.n, args.prefetch, url=f"http://127.0.0.1:{sandbox_port}/http/floor",
+                endpoint_pid=sandbox.pid))
             rate, cpu, _ = await measure_herald(args.n, args.prefetch, 0, log_dir)
             rows["herald"].append((rate, cpu))
             print(f"run {i + 1}: " + "   ".join(
@@ -457,9 +436,9 @@ async def main() -> None:
 
     ceiling = statistics.median(rate for rate, _ in rows["ceiling"])
     print()
-    print(f"bare aio-pika ack-only ceiling : {ceiling:8.0f} deliveries/s (median of "
-          f"{args.repeat}, {args.n} messages, prefetch {args.prefetch})")
+    print(f"medians of {args.repeat} runs, {args.n} messages each, prefetch {args.prefetch}")
     labels = {
+        "ceiling": "bare aio-pika ack-only ceiling",
         "floor_minimal": "floor: consume, POST, ack; minimal HTTP responder",
         "floor_sandbox": "floor: consume, POST, ack; sandbox endpoint",
         "herald": "herald end to end, 0 ms sandbox",
