@@ -47,7 +47,7 @@ from bench_pipeline import (  # noqa: E402
 )
 
 from consumer.sandbox.env import SandboxCredentials, sandbox_env  # noqa: E402
-from consumer.signatures import meta_signature, twilio_signature  # noqa: E402
+from consumer.status.signatures import meta_signature, twilio_signature  # noqa: E402
 
 CREDS = SandboxCredentials()
 PROVIDERS = ("twilio", "whatsapp", "messenger")

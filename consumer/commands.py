@@ -16,9 +16,9 @@ import asyncpg
 from pydantic import ValidationError
 
 from consumer import ops_cmd
+from consumer.delivery.pipeline import lane_of
 from consumer.errors import ConfigError
 from consumer.migrate import migrate
-from consumer.pipeline import lane_of
 from consumer.publisher import Publisher
 from consumer.settings import Settings
 from consumer.topology import Names, Topology, declare_all, export_json
@@ -109,7 +109,7 @@ def _jsonl(lines: Iterable[str], source: str) -> Iterator[tuple[int, dict[str, A
 
 def _requests_from_args(args: argparse.Namespace) -> Iterator[tuple[int, dict[str, Any]]]:
     if args.csv:
-        from consumer.campaigns import requests_from_csv
+        from consumer.records.campaigns import requests_from_csv
 
         if args.file or args.body is not None:
             raise ConfigError("publish: --csv goes with --body-template, not --file or --body")

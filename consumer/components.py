@@ -17,11 +17,11 @@ from typing import TYPE_CHECKING, Protocol
 
 from aiohttp import web
 
-from consumer.admin import add_admin_routes
-from consumer.events import EventsConsumer
-from consumer.observe import Observer
+from consumer.admin.api import add_admin_routes
+from consumer.gauges import Observer
 from consumer.publisher import Publisher
-from consumer.webhooks import WebhookReceiver
+from consumer.status.events import EventsConsumer
+from consumer.status.webhooks import WebhookReceiver
 
 if TYPE_CHECKING:
     from consumer.service import Service

@@ -21,10 +21,10 @@ import aio_pika
 import aiohttp
 import asyncpg
 
-from consumer.parked import Selection, count_parked
+from consumer.parking.lot import Selection, count_parked
 from consumer.publisher import Publisher
+from consumer.records.stats import statistics
 from consumer.settings import Settings
-from consumer.stats import statistics
 from consumer.topology import Names
 
 CAMPAIGN = "demo"

@@ -90,7 +90,7 @@ END_TO_END = Histogram(
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, 14400),
 )
 
-# -- broker state (consumer.observe) -------------------------------------------------
+# -- broker state (consumer.gauges) -------------------------------------------------
 QUEUE_MESSAGES = Gauge(
     "herald_queue_messages", "Messages ready in a Herald queue", ["queue"]
 )
@@ -100,11 +100,11 @@ QUEUE_CONSUMERS = Gauge(
 BACKLOG_OLDEST = Gauge(
     "herald_backlog_oldest_seconds",
     "How long the most overdue known message (a retry or send_at deferral whose"
-    " next_attempt_at has passed) has waited for its attempt; see consumer/observe.py",
+    " next_attempt_at has passed) has waited for its attempt; see consumer/gauges.py",
     ["channel"],
 )
 
-# -- provider status webhooks (consumer.webhooks, consumer.events) ----------------
+# -- provider status webhooks (consumer.status.webhooks, consumer.status.events) ----------------
 WEBHOOK_EVENTS = Counter(
     "herald_webhook_events_total",
     "Provider status events accepted by the webhook receiver",
@@ -121,7 +121,7 @@ EVENTS_APPLIED = Counter(
     ["provider", "status", "result"],
 )
 
-# -- operator actions (consumer.parked) ------------------------------------------------
+# -- operator actions (consumer.parking.lot) ------------------------------------------------
 REPLAYED = Counter(
     "herald_replayed_total", "Parked messages replayed to the send exchange",
     ["channel", "error_type"],

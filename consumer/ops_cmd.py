@@ -2,8 +2,8 @@
 
 Argument parsing (:func:`add_parsers`, called by ``consumer.cli``) and the
 handlers (:func:`dispatch`, called by ``consumer.commands``). The work is
-done by :mod:`consumer.parked`, :mod:`consumer.replay`, :mod:`consumer.stats`,
-:mod:`consumer.campaigns` and :mod:`consumer.retention`, which the admin API
+done by :mod:`consumer.parking.lot`, :mod:`consumer.parking.replay`, :mod:`consumer.records.stats`,
+:mod:`consumer.records.campaigns` and :mod:`consumer.records.retention`, which the admin API
 shares; this module only turns arguments into calls and results into text
 or ``--json``. Errors a person can fix are one line on stderr (exit 1);
 usage errors exit 2 like every other command.
@@ -28,7 +28,7 @@ from schemas.send_request import CHANNELS
 if TYPE_CHECKING:
     import asyncpg
 
-    from consumer.parked import Lot, Selection
+    from consumer.parking.lot import Lot, Selection
     from consumer.settings import Settings
 
 COMMANDS = ("parked", "stats", "campaign", "prune")
@@ -59,7 +59,7 @@ def moment(text: str) -> datetime:
 
 
 def _quiet_hours(text: str) -> tuple[Any, Any]:
-    from consumer.campaigns import quiet_hours
+    from consumer.records.campaigns import quiet_hours
 
     try:
         return quiet_hours(text)
@@ -190,8 +190,8 @@ async def dispatch(args: argparse.Namespace, settings: Settings) -> int:
     import aio_pika
     import asyncpg
 
-    from consumer.parked import LotError
-    from consumer.parking_queue import LotBusy
+    from consumer.parking.lot import LotError
+    from consumer.parking.passes import LotBusy
     from consumer.store import create_pool
 
     try:
@@ -221,14 +221,14 @@ def _print_json(value: Any) -> None:
 
 
 def _lot(settings: Settings, pool: asyncpg.Pool, window: int = 2000) -> Lot:
-    from consumer.parked import Lot
+    from consumer.parking.lot import Lot
     from consumer.topology import Names
 
     return Lot(pool, settings.amqp_url, Names(settings.prefix), window=window)
 
 
 async def _selection(args: argparse.Namespace, pool: asyncpg.Pool) -> Selection:
-    from consumer.parked import Selection, resolve_ids
+    from consumer.parking.lot import Selection, resolve_ids
 
     ids = await resolve_ids(pool, getattr(args, "ids", None) or [])
     return Selection(ids=ids, channel=args.channel, error_types=tuple(args.error_types or ()),
@@ -237,7 +237,7 @@ async def _selection(args: argparse.Namespace, pool: asyncpg.Pool) -> Selection:
 
 
 async def _audit(pool: asyncpg.Pool, action: str, params: dict[str, Any], affected: int) -> None:
-    from consumer import audit
+    from consumer.admin import audit
 
     await audit.record(pool, source="cli", actor=audit.cli_actor(), action=action,
                        params=params, affected=affected)
@@ -259,7 +259,7 @@ def _counts(by_type: dict[str, int]) -> str:
 
 
 async def _parked_list(args: argparse.Namespace, settings: Settings, pool: asyncpg.Pool) -> int:
-    from consumer.parked import list_parked, queue_depth
+    from consumer.parking.lot import list_parked, queue_depth
     from consumer.topology import Names
 
     selection = await _selection(args, pool)
@@ -295,7 +295,7 @@ async def _parked_list(args: argparse.Namespace, settings: Settings, pool: async
 
 
 async def _parked_show(args: argparse.Namespace, settings: Settings, pool: asyncpg.Pool) -> int:
-    from consumer.parked import resolve_ids, show
+    from consumer.parking.lot import resolve_ids, show
 
     (parked_id,) = await resolve_ids(pool, [args.id])
     found = await show(pool, parked_id, reveal=args.reveal)
@@ -364,7 +364,7 @@ def _request_text(value: str) -> bytes:
 
 async def _parked_replay(args: argparse.Namespace, settings: Settings,
                          pool: asyncpg.Pool) -> int:
-    from consumer.replay import Edit, ReplayOptions, replay
+    from consumer.parking.replay import Edit, ReplayOptions, replay
 
     if args.set_body is not None and args.set_request is not None:
         raise ConfigError("replay: --set-body and --set-request do not go together")
@@ -377,7 +377,7 @@ async def _parked_replay(args: argparse.Namespace, settings: Settings,
         raise ConfigError("replay: name ids or --all, not both")
     options = ReplayOptions(selection, dry_run=args.dry_run, rate=args.rate,
                             reset_attempts=args.reset_attempts, edit=edit)
-    from consumer.audit import cli_actor
+    from consumer.admin.audit import cli_actor
 
     stopping, restore = _stop_on_signals()
     try:
@@ -422,8 +422,8 @@ async def _parked_replay(args: argparse.Namespace, settings: Settings,
 
 async def _parked_reject(args: argparse.Namespace, settings: Settings,
                          pool: asyncpg.Pool) -> int:
-    from consumer.audit import cli_actor
-    from consumer.parked import reject, resolve_ids
+    from consumer.admin.audit import cli_actor
+    from consumer.parking.lot import reject, resolve_ids
 
     ids = await resolve_ids(pool, args.ids)
     report = await reject(_lot(settings, pool), ids, args.reason, cli_actor())
@@ -441,8 +441,8 @@ async def _parked_reject(args: argparse.Namespace, settings: Settings,
 
 async def _parked_purge(args: argparse.Namespace, settings: Settings,
                         pool: asyncpg.Pool) -> int:
-    from consumer.audit import cli_actor
-    from consumer.parked import purge
+    from consumer.admin.audit import cli_actor
+    from consumer.parking.lot import purge
 
     due = int(await pool.fetchval(
         "SELECT count(*) FROM parked_messages WHERE state = 'parked'"
@@ -470,8 +470,8 @@ async def _parked_purge(args: argparse.Namespace, settings: Settings,
 
 
 async def _parked_sync(args: argparse.Namespace, settings: Settings, pool: asyncpg.Pool) -> int:
-    from consumer.audit import cli_actor
-    from consumer.parked import sync
+    from consumer.admin.audit import cli_actor
+    from consumer.parking.lot import sync
 
     report = await sync(_lot(settings, pool), cli_actor())
     await _audit(pool, "parked.sync", {}, report.indexed + report.removed)
@@ -530,7 +530,7 @@ def print_stats(s: dict[str, Any]) -> None:
 
 
 async def _stats(args: argparse.Namespace, settings: Settings, pool: asyncpg.Pool) -> int:
-    from consumer.stats import statistics
+    from consumer.records.stats import statistics
 
     found = await statistics(pool, settings, args.campaign, recent=args.recent)
     if args.json:
@@ -541,8 +541,8 @@ async def _stats(args: argparse.Namespace, settings: Settings, pool: asyncpg.Poo
 
 
 async def _campaign(args: argparse.Namespace, settings: Settings, pool: asyncpg.Pool) -> int:
-    from consumer import campaigns
-    from consumer.stats import statistics
+    from consumer.records import campaigns
+    from consumer.records.stats import statistics
 
     if args.campaign_command == "list":
         rows = await campaigns.list_all(pool)
@@ -582,7 +582,7 @@ async def _campaign(args: argparse.Namespace, settings: Settings, pool: asyncpg.
 
 
 async def _prune(args: argparse.Namespace, settings: Settings, pool: asyncpg.Pool) -> int:
-    from consumer.retention import prune
+    from consumer.records.retention import prune
 
     report = await prune(pool, args.older_than, batch_size=args.batch_size,
                          dry_run=args.dry_run)

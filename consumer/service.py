@@ -20,22 +20,22 @@ from aio_pika.abc import AbstractRobustConnection
 from aiohttp import web
 
 from consumer.components import ROLES, Component, add_routes, build_components
+from consumer.delivery.channels import ChannelControl
+from consumer.delivery.pause import PauseState
+from consumer.delivery.pipeline import LEASE_MARGIN_S, Pipeline
+from consumer.delivery.rate import Breaker
 from consumer.errors import DeliveryError
-from consumer.flow import Breaker
+from consumer.http_server import create_app, start_site
 from consumer.migrate import discover
-from consumer.pause import PauseState
-from consumer.pipeline import LEASE_MARGIN_S, Pipeline
 from consumer.providers.base import Provider
 from consumer.providers.http import HttpProvider
 from consumer.providers.messenger import MessengerProvider
 from consumer.providers.twilio import TwilioProvider
 from consumer.providers.whatsapp import WhatsAppProvider
 from consumer.publisher import Publisher
-from consumer.server import create_app, start_site
 from consumer.settings import Settings
 from consumer.store import Store, create_pool
 from consumer.topology import Names, Topology
-from consumer.worker import ChannelControl
 from schemas.send_request import CHANNELS
 
 log = structlog.get_logger("herald.service")

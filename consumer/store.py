@@ -3,7 +3,7 @@
 Every decision the pipeline needs from the database is made by a SQL
 function (``herald_claim``, ``herald_record``), so PostgreSQL decides
 atomically whether a copy of a message may be sent. The messages in flight
-share transactions through group commit (:mod:`consumer.batching`).
+share transactions through group commit (:mod:`consumer.group_commit`).
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from typing import Any, Literal
 
 import asyncpg
 
-from consumer.backoff import RetryPolicy
-from consumer.batching import Batcher
+from consumer.delivery.backoff import RetryPolicy
+from consumer.group_commit import Batcher
 from consumer.settings import Settings
 
 ClaimOutcome = Literal["claimed", "reclaimed", "held", "duplicate", "stale"]

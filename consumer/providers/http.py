@@ -13,7 +13,7 @@ from typing import Any
 
 import aiohttp
 
-from consumer.backoff import parse_retry_after
+from consumer.delivery.backoff import parse_retry_after
 from consumer.errors import DeliveryError, ErrorType
 from consumer.providers.base import SendResult
 from schemas import SendRequest

@@ -15,7 +15,7 @@ from typing import Any
 
 import aiohttp
 
-from consumer.backoff import parse_retry_after
+from consumer.delivery.backoff import parse_retry_after
 from consumer.errors import DeliveryError, ErrorType
 from consumer.providers.classify import redact, shorten
 

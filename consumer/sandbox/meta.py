@@ -26,7 +26,7 @@ from aiohttp import web
 
 from consumer.sandbox.callbacks import Callback
 from consumer.sandbox.scripts import Script
-from consumer.signatures import meta_signature
+from consumer.status.signatures import meta_signature
 
 if TYPE_CHECKING:
     from consumer.sandbox.app import Sandbox

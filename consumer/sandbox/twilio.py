@@ -24,7 +24,7 @@ from aiohttp import web
 
 from consumer.sandbox.callbacks import Callback
 from consumer.sandbox.scripts import Script
-from consumer.signatures import twilio_signature
+from consumer.status.signatures import twilio_signature
 
 if TYPE_CHECKING:
     from consumer.sandbox.app import Sandbox

@@ -26,7 +26,7 @@ import pytest
 import yaml
 from cloudcoil.models.keda import v1alpha1 as keda
 
-from consumer.pipeline import LEASE_MARGIN_S
+from consumer.delivery.pipeline import LEASE_MARGIN_S
 from consumer.settings import Settings
 from consumer.topology import Names, Topology
 from schemas.send_request import CHANNELS

@@ -1,4 +1,4 @@
-"""consumer.observe against the real broker and database: queue gauges from
+"""consumer.gauges against the real broker and database: queue gauges from
 passive declares, and the backlog age of overdue known messages."""
 
 from __future__ import annotations
@@ -6,8 +6,8 @@ from __future__ import annotations
 import asyncpg
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 
+from consumer.gauges import Observer
 from consumer.metrics import BACKLOG_OLDEST, QUEUE_CONSUMERS, QUEUE_MESSAGES
-from consumer.observe import Observer
 from consumer.topology import Names
 from tests.helpers import publish_raw
 

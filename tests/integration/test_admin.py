@@ -14,7 +14,7 @@ import asyncpg
 import pytest
 from aio_pika.abc import AbstractRobustConnection
 
-from consumer.parking_queue import lot_lock
+from consumer.parking.passes import lot_lock
 from consumer.service import Service
 from consumer.settings import Settings
 from consumer.topology import Names

@@ -22,9 +22,9 @@ import asyncpg
 import pytest
 from aio_pika.abc import AbstractRobustConnection
 
-from consumer.events import EventsConsumer
 from consumer.publisher import Publisher
 from consumer.sandbox.callbacks import Callback, CallbackRecord, CallbackSender
+from consumer.status.events import EventsConsumer
 from consumer.topology import Names
 from schemas import ProviderEvent
 from tests.conftest import REPO, RunningSandbox

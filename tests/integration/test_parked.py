@@ -23,9 +23,9 @@ import asyncpg
 import pytest
 from aio_pika.abc import AbstractRobustConnection
 
-from consumer.parked import Lot, Selection, list_parked, show
-from consumer.parking_queue import LotBusy, lot_lock
-from consumer.replay import Edit, ReplayOptions, replay
+from consumer.parking.lot import Lot, Selection, list_parked, show
+from consumer.parking.passes import LotBusy, lot_lock
+from consumer.parking.replay import Edit, ReplayOptions, replay
 from consumer.settings import Settings
 from consumer.store import create_pool
 from consumer.topology import Names
@@ -60,7 +60,7 @@ async def lot(settings: Settings) -> AsyncIterator[Lot]:
 async def test_quorum_queue_returns_held_messages_to_the_head_in_order_on_channel_close(
     amqp: AbstractRobustConnection, prefix: str,
 ) -> None:
-    """Pins what consumer/parking_queue.py relies on: closing a channel puts
+    """Pins what consumer/parking/passes.py relies on: closing a channel puts
     its unacked messages back at the head, in order, channel by channel as
     they close, ahead of messages published meanwhile."""
     name = f"{prefix}.order-probe"

@@ -30,7 +30,7 @@ from consumer.sandbox import Sandbox
 from consumer.sandbox.callbacks import CallbackConfig
 from consumer.sandbox.env import SandboxCredentials, sandbox_env
 from consumer.settings import Settings
-from consumer.signatures import verify_meta, verify_twilio
+from consumer.status.signatures import verify_meta, verify_twilio
 from schemas import SendRequest
 from tests.helpers import wait_for
 from tests.providers_fixtures import (

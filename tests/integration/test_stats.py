@@ -11,8 +11,8 @@ from typing import Any
 import asyncpg
 from aio_pika.abc import AbstractRobustConnection
 
+from consumer.records.stats import statistics
 from consumer.settings import Settings
-from consumer.stats import statistics
 from consumer.store import create_pool
 from consumer.topology import Names
 from tests.conftest import RunningSandbox, ServiceFactory, herald_env

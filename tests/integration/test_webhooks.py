@@ -21,7 +21,7 @@ from consumer.components import ROLES
 from consumer.sandbox.env import SandboxCredentials, sandbox_env
 from consumer.service import Service
 from consumer.settings import Settings
-from consumer.signatures import meta_signature, twilio_signature
+from consumer.status.signatures import meta_signature, twilio_signature
 from schemas import ProviderEvent
 from tests.conftest import free_port, herald_env
 from tests.helpers import drain_queue, queue_depth

@@ -1,4 +1,4 @@
-"""Retry policy (consumer/backoff.py): pure functions, no broker or database."""
+"""Retry policy (consumer/delivery/backoff.py): pure functions, no broker or database."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from consumer.backoff import (
+from consumer.delivery.backoff import (
     RetryPolicy,
     exponential_delay,
     parse_retry_after,

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from consumer.pipeline import MAX_BODY_BYTES, _int_header, decode_request
+from consumer.delivery.pipeline import MAX_BODY_BYTES, _int_header, decode_request
 
 PHONE = "+15551234567"
 

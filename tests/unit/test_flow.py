@@ -6,9 +6,9 @@ from datetime import UTC, date, datetime, time
 
 import pytest
 
-from consumer.flow import AdaptiveRate, Breaker, TokenBucket
-from consumer.pipeline import lane_of
-from consumer.quota import day_bounds, local_day, next_day_start, quiet_until, zone
+from consumer.delivery.pipeline import lane_of
+from consumer.delivery.quota import day_bounds, local_day, next_day_start, quiet_until, zone
+from consumer.delivery.rate import AdaptiveRate, Breaker, TokenBucket
 from consumer.store import Campaign
 from schemas import SendRequest
 
@@ -100,8 +100,8 @@ def test_quiet_hours_within_a_day_and_unset() -> None:
 
 
 def test_campaign_flow_fields_are_checked() -> None:
-    from consumer.campaigns import CampaignDefaults, quiet_hours
     from consumer.errors import ConfigError
+    from consumer.records.campaigns import CampaignDefaults, quiet_hours
 
     assert quiet_hours("22:00-07:00") == (time(22, 0), time(7, 0))
     with pytest.raises(ValueError, match="HH:MM-HH:MM"):

@@ -12,13 +12,13 @@ from typing import Any, cast
 
 import pytest
 
-from consumer.admin import authenticate, parse_tokens
-from consumer.campaigns import CampaignDefaults, message_id_for, requests_from_csv
+from consumer.admin.api import authenticate, parse_tokens
 from consumer.errors import ConfigError
 from consumer.ops_cmd import duration, moment, progress_bar
-from consumer.parked import LotError, Selection, mask_tree
-from consumer.parking_queue import copy_id, index_row
-from consumer.replay import Edit, ReplayReport, edited_body
+from consumer.parking.lot import LotError, Selection, mask_tree
+from consumer.parking.passes import copy_id, index_row
+from consumer.parking.replay import Edit, ReplayReport, edited_body
+from consumer.records.campaigns import CampaignDefaults, message_id_for, requests_from_csv
 from consumer.topology import Names
 from tests.unit.test_cli import herald, one_line
 

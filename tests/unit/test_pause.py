@@ -1,8 +1,8 @@
-"""The channel pause policy (consumer.pause): cool-down, probes, growth, resume."""
+"""The channel pause policy (consumer.delivery.pause): cool-down, probes, growth, resume."""
 
 from __future__ import annotations
 
-from consumer.pause import Mode, PauseState
+from consumer.delivery.pause import Mode, PauseState
 
 
 def test_first_failure_pauses_for_the_base_cooldown() -> None:

@@ -13,7 +13,7 @@ from urllib.parse import parse_qsl
 import aiohttp
 import pytest
 
-from consumer.backoff import parse_retry_after
+from consumer.delivery.backoff import parse_retry_after
 from consumer.errors import ConfigError, DeliveryError
 from consumer.providers.classify import mask_recipient_in, redact, status_rule
 from consumer.providers.messenger import (

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from consumer.recipients import validate_recipient
+from consumer.delivery.recipients import validate_recipient
 
 
 @pytest.mark.parametrize("channel", ["sms", "whatsapp"])

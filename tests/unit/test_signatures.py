@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from multidict import MultiDict
 
-from consumer.signatures import (
+from consumer.status.signatures import (
     meta_signature,
     twilio_signature,
     url_port_variants,

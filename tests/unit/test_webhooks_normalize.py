@@ -1,5 +1,5 @@
-"""Webhook normalization (consumer.webhooks) and the decision on a failure a
-provider reports after acceptance (consumer.events): pure functions."""
+"""Webhook normalization (consumer.status.webhooks) and the decision on a failure a
+provider reports after acceptance (consumer.status.events): pure functions."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 from multidict import MultiDict
 
-from consumer.backoff import RetryPolicy
-from consumer.events import decide, event_id_of, reported_error
-from consumer.webhooks import (
+from consumer.delivery.backoff import RetryPolicy
+from consumer.status.events import decide, event_id_of, reported_error
+from consumer.status.webhooks import (
     messenger_events,
     twilio_events,
     verify_challenge,
@@ -254,9 +254,9 @@ def test_event_id_is_the_amqp_message_id_or_derived_stably() -> None:
 def test_reported_failure_budget_counts_from_the_last_fresh_budget() -> None:
     """A replayed message (attempt base 5) reported failed on attempt 6 has used one
     attempt of its new budget: it is retried, not parked."""
-    from consumer.backoff import RetryPolicy
+    from consumer.delivery.backoff import RetryPolicy
     from consumer.errors import DeliveryError, ErrorType
-    from consumer.events import decide
+    from consumer.status.events import decide
 
     policy = RetryPolicy(max_attempts=3, base_delay_s=1, max_delay_s=8, jitter=0)
     error = DeliveryError(ErrorType.PROVIDER_ERROR, "30003", code="30003", retryable=True)

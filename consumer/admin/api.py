@@ -43,9 +43,10 @@ from typing import TYPE_CHECKING, Any
 import structlog
 from aiohttp import web
 
-from consumer import audit, campaigns, metrics
+from consumer import metrics
+from consumer.admin import audit
 from consumer.errors import ConfigError
-from consumer.parked import (
+from consumer.parking.lot import (
     Lot,
     LotError,
     NotFound,
@@ -55,9 +56,10 @@ from consumer.parked import (
     resolve_ids,
     show,
 )
-from consumer.parking_queue import LotBusy
-from consumer.replay import Edit, ReplayOptions, replay
-from consumer.stats import statistics
+from consumer.parking.passes import LotBusy
+from consumer.parking.replay import Edit, ReplayOptions, replay
+from consumer.records import campaigns
+from consumer.records.stats import statistics
 from consumer.topology import Topology
 
 if TYPE_CHECKING:

@@ -49,7 +49,7 @@ from aio_pika.abc import (
 from asyncpg.pool import PoolConnectionProxy
 from pydantic import ValidationError
 
-from consumer.parking import (
+from consumer.parking.park import (
     HEADER_CHANNEL,
     HEADER_ERROR_CODE,
     HEADER_ERROR_TYPE,

@@ -9,7 +9,7 @@
   (multiplicative decrease, additive increase).
 - :class:`Breaker` — an outage detector: a run of transient failures
   (``provider_error``/``network``) across several recipients opens it, and the
-  channel pauses exactly like for an expired token (see :mod:`consumer.pause`).
+  channel pauses exactly like for an expired token (see :mod:`consumer.delivery.pause`).
 
 The limit is per process: with N replicas, set each one's rate to the
 provider's limit divided by N.

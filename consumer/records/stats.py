@@ -23,7 +23,7 @@ from typing import Any
 import asyncpg
 
 from consumer.logs import mask_recipient
-from consumer.parked import NotFound
+from consumer.parking.lot import NotFound
 from consumer.settings import Settings
 from consumer.store import Campaign, Store, resolve_policy
 

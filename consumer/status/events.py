@@ -62,13 +62,13 @@ from aio_pika.abc import (
 from pydantic import ValidationError
 
 from consumer import metrics
-from consumer.backoff import RetryPolicy, retry_delay, should_retry
-from consumer.errors import DeliveryError, ErrorType
-from consumer.logs import mask_recipient
-from consumer.parking import error_headers, park
-from consumer.pipeline import (
+from consumer.delivery.backoff import RetryPolicy, retry_delay, should_retry
+from consumer.delivery.pipeline import (
     HEADER_FIRST_SEEN,
 )
+from consumer.errors import DeliveryError, ErrorType
+from consumer.logs import mask_recipient
+from consumer.parking.park import error_headers, park
 from consumer.providers.classify import Rule, as_int, make_error, mask_recipient_in, rule
 from consumer.providers.messenger import messenger_rule
 from consumer.providers.twilio import twilio_rule
@@ -488,7 +488,7 @@ class EventsConsumer:
         await self._park(action, body, error)
 
     async def _park(self, action: asyncpg.Record, body: bytes, error: DeliveryError) -> None:
-        """Park as the pipeline does (see :mod:`consumer.parking`)."""
+        """Park as the pipeline does (see :mod:`consumer.parking.park`)."""
         await park(
             self.publisher, self.store, body=body, channel=action["channel"],
             message_id=action["message_id"], attempt=action["attempt"], error=error,

@@ -29,9 +29,9 @@ from aio_pika.abc import (
 )
 
 from consumer import metrics
-from consumer.flow import Breaker, RateLimiter
-from consumer.pause import Mode, PauseState
-from consumer.pipeline import Pipeline
+from consumer.delivery.pause import Mode, PauseState
+from consumer.delivery.pipeline import Pipeline
+from consumer.delivery.rate import Breaker, RateLimiter
 from consumer.topology import LANES, Names
 
 log = structlog.get_logger("herald.worker")
@@ -184,7 +184,7 @@ class ChannelControl:
         log.info("consumer.started", channel=self.channel_name, prefetch=self.prefetch,
                  rate=self.limiter.rate)
 
-    # -- pausing (see consumer.pause) ------------------------------------------------
+    # -- pausing (see consumer.delivery.pause) ------------------------------------------------
 
     def trip(self, reason: str) -> None:
         """The provider failed for everyone: stop taking work, probe after a cool-down."""

@@ -28,11 +28,13 @@ import structlog
 from aio_pika.abc import AbstractIncomingMessage
 from pydantic import ValidationError
 
-from consumer import metrics, quota
-from consumer.backoff import RetryPolicy, retry_delay, should_retry
+from consumer import metrics
+from consumer.delivery import quota
+from consumer.delivery.backoff import RetryPolicy, retry_delay, should_retry
+from consumer.delivery.rate import TRANSIENT
+from consumer.delivery.recipients import validate_recipient
 from consumer.errors import DeliveryError, ErrorType
-from consumer.flow import TRANSIENT
-from consumer.parking import (
+from consumer.parking.park import (
     HEADER_ERROR_CODE,
     HEADER_ERROR_TYPE,
     HEADER_LAST_ERROR,
@@ -41,7 +43,6 @@ from consumer.parking import (
 )
 from consumer.providers.base import Provider
 from consumer.publisher import HEADER_ATTEMPT, HEADER_DUE_AT, Publisher
-from consumer.recipients import validate_recipient
 from consumer.settings import Settings
 from consumer.store import (
     Campaign,
@@ -69,7 +70,7 @@ LEASE_MARGIN_S = 5.0
 
 
 class ChannelHooks(Protocol):
-    """What the pipeline tells the channel consumers (see consumer.pause)."""
+    """What the pipeline tells the channel consumers (see consumer.delivery.pause)."""
 
     def provider_wide(self, channel: str, error: DeliveryError) -> float:
         """The provider failed for everyone: pause; returns seconds until the next probe."""
@@ -449,7 +450,7 @@ class Pipeline:
     ) -> Outcome:
         """A provider-wide failure: not the message's fault, so not charged an attempt.
 
-        The channel pauses (see consumer.pause); this message goes round the
+        The channel pauses (see consumer.delivery.pause); this message goes round the
         delay levels until about when the channel probes again.
         """
         wait_s = self.hooks.provider_wide(request.channel, error) if self.hooks else 0.0
@@ -512,7 +513,7 @@ class Pipeline:
         recipient: str | None,
         campaign_id: str | None,
     ) -> None:
-        """Park the original bytes with the reason (see :mod:`consumer.parking`)."""
+        """Park the original bytes with the reason (see :mod:`consumer.parking.park`)."""
         await park(
             self.publisher, self.store, body=body, channel=channel, message_id=message_id,
             attempt=attempt, error=error, recipient=recipient, campaign_id=campaign_id,

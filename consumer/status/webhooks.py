@@ -8,7 +8,7 @@ every status in it is normalized into a :class:`ProviderEvent`, and the
 events are published to ``{prefix}.events`` with publisher confirms. Only
 then does the provider get its 200: a 503 (broker unreachable) makes it send
 again, so an event is never acknowledged before the broker holds it. The
-events consumer (:mod:`consumer.events`) applies them to messages.
+events consumer (:mod:`consumer.status.events`) applies them to messages.
 
 The normalizers are pure functions so that every provider's shapes are unit
 tested without a server.
@@ -32,7 +32,7 @@ from pydantic import ValidationError
 from consumer import metrics
 from consumer.publisher import Publisher
 from consumer.settings import Settings
-from consumer.signatures import verify_meta, verify_twilio
+from consumer.status.signatures import verify_meta, verify_twilio
 from schemas import ProviderEvent, ProviderStatus
 
 log = structlog.get_logger("herald.webhooks")

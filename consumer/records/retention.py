@@ -19,7 +19,7 @@ from typing import Any
 import asyncpg
 import structlog
 
-from consumer.parking_queue import Conn
+from consumer.parking.passes import Conn
 
 log = structlog.get_logger("herald.retention")
 

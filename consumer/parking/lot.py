@@ -4,9 +4,9 @@ The index (``parked_messages``) answers questions; the queue
 (``{prefix}.parked``) holds the messages. Listing and showing read only the
 index, so they are fast on any lot size. Reject and purge mark index rows
 first and then take the copies out of the queue in an ordered pass
-(:mod:`consumer.parking_queue`); a pass interrupted in between leaves copies
+(:mod:`consumer.parking.passes`); a pass interrupted in between leaves copies
 whose rows are no longer 'parked', and every later pass (replay, reject,
-purge, sync) acks those away. Replay is :mod:`consumer.replay`.
+purge, sync) acks those away. Replay is :mod:`consumer.parking.replay`.
 
 Recipients leave this module masked unless a caller asks to reveal them.
 """
@@ -25,7 +25,7 @@ import asyncpg
 import structlog
 
 from consumer.logs import mask_recipient
-from consumer.parking_queue import (
+from consumer.parking.passes import (
     Conn,
     Delivery,
     LotPass,

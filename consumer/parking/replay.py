@@ -1,6 +1,6 @@
 """Replay: move chosen parked messages back to the send exchange.
 
-One ordered pass over the parking queue (:mod:`consumer.parking_queue`); for
+One ordered pass over the parking queue (:mod:`consumer.parking.passes`); for
 each copy taken, its index row decides:
 
 - row already done (replayed, rejected, purged, resolved): ack it away;
@@ -40,7 +40,8 @@ from aio_pika.abc import AbstractRobustConnection
 from pydantic import ValidationError
 
 from consumer import metrics
-from consumer.parked import (
+from consumer.delivery.pipeline import HEADER_ATTEMPT_BASE, decode_request, lane_of
+from consumer.parking.lot import (
     DELIVERED,
     DONE_STATES,
     Lot,
@@ -49,8 +50,7 @@ from consumer.parked import (
     mask_tree,
     rows_for,
 )
-from consumer.parking_queue import Delivery, lot_lock
-from consumer.pipeline import HEADER_ATTEMPT_BASE, decode_request, lane_of
+from consumer.parking.passes import Delivery, lot_lock
 from consumer.publisher import HEADER_ATTEMPT, Publisher
 from schemas import SendRequest
 
