@@ -8,7 +8,7 @@ import asyncpg
 import pytest
 from aiohttp import web
 
-from consumer.demo import CAMPAIGN, run_demo
+from consumer.cli.demo import CAMPAIGN, run_demo
 from consumer.sandbox import Sandbox
 from consumer.sandbox.callbacks import CallbackConfig
 from consumer.sandbox.env import sandbox_env

@@ -13,8 +13,8 @@ from typing import Any, cast
 import pytest
 
 from consumer.admin.api import authenticate, parse_tokens
+from consumer.cli.common import duration, moment, progress_bar
 from consumer.errors import ConfigError
-from consumer.ops_cmd import duration, moment, progress_bar
 from consumer.parking.lot import LotError, Selection, mask_tree
 from consumer.parking.passes import copy_id, index_row
 from consumer.parking.replay import Edit, ReplayReport, edited_body

@@ -9,6 +9,7 @@ and the commands to try next.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import sys
@@ -29,6 +30,19 @@ from consumer.topology import Names
 
 CAMPAIGN = "demo"
 STATES = ("queued", "sending", "retrying", "sent", "delivered", "read", "failed", "expired")
+
+
+def add_parser(sub: Any, parser_class: type[argparse.ArgumentParser]) -> None:
+    demo = sub.add_parser("demo", help="send a sample campaign through a running Herald and "
+                          "the sandbox, with a live view")
+    demo.add_argument("--sandbox-url", help="default http://127.0.0.1:$HERALD_SANDBOX_PORT")
+    demo.add_argument("--timeout", type=float, default=120.0, help="seconds to watch at most")
+    demo.set_defaults(handler=_demo)
+
+
+async def _demo(args: argparse.Namespace, settings: Settings) -> int:
+    url = args.sandbox_url or f"http://127.0.0.1:{settings.sandbox_port}"
+    return await run_demo(settings, sandbox_url=url.rstrip("/"), timeout_s=args.timeout)
 
 
 def plan(run: str, sandbox_url: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -99,7 +113,7 @@ async def run_demo(settings: Settings, *, sandbox_url: str, timeout_s: float = 1
             parked = await count_parked(conn, Selection(campaign=CAMPAIGN))
     finally:
         await pool.close()
-    from consumer.ops_cmd import print_stats
+    from consumer.cli.stats import print_stats
 
     print()
     print_stats(stats)

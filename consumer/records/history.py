@@ -1,25 +1,16 @@
-"""``herald status MESSAGE_ID``: where a message is and how it got there.
-
-Prints the message's current status, its per-status times and last error,
-then its whole history in time order: every attempt (``delivery_attempts``),
-every provider event about it (``provider_events``, including the Messenger
-watermarks that covered it) and every parked copy. ``--json`` prints the
-same as one JSON object.
+"""A message's history: its row and, in time order, every attempt
+(``delivery_attempts``), every provider event about it (``provider_events``,
+including the Messenger watermarks that covered it) and every parked copy.
+``herald status`` and ``herald parked show`` both read it from here.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
-
-from consumer.logs import mask_recipient
-from consumer.settings import Settings
 
 STATUS_TIMES = ("queued", "sending", "sent", "delivered", "read", "retrying", "failed",
                 "expired", "cancelled")
@@ -43,7 +34,7 @@ class MessageStatus:
     def to_json(self) -> dict[str, Any]:
         return {
             "message": {k: _jsonable(v) for k, v in self.message.items()},
-            "history": [{"at": _iso(e.at), "kind": e.kind, "what": e.what,
+            "history": [{"at": iso(e.at), "kind": e.kind, "what": e.what,
                          **{k: _jsonable(v) for k, v in e.detail.items()}}
                         for e in self.history],
         }
@@ -94,7 +85,7 @@ async def load_status(conn: asyncpg.Connection, message_id: str) -> MessageStatu
         if e["error_code"]:
             what += f" {e['error_code']}"
         if e["provider_message_id"] is None and e["watermark"] is not None:
-            what += f" (watermark {_iso(e['watermark'])})"
+            what += f" (watermark {iso(e['watermark'])})"
         what += f" → {e['outcome'] or 'pending'}"
         history.append(Entry(e["occurred_at"], "event", what, {
             "provider": e["provider"], "status": e["status"],
@@ -114,61 +105,14 @@ async def load_status(conn: asyncpg.Connection, message_id: str) -> MessageStatu
     return MessageStatus(message, history)
 
 
-def render(status: MessageStatus) -> str:
-    """The human form: a header, then the history one event a line."""
-    m = status.message
-    via = m["channel"] + (f" via {m['provider']}" if m["provider"] else "")
-    if m["provider_message_id"]:
-        via += f", provider id {m['provider_message_id']}"
-    lines = [
-        f"message   {m['message_id']}",
-        f"status    {m['status']}  ({via})",
-        f"to        {mask_recipient(m['recipient'])}"
-        + (f"   campaign {m['campaign_id']}" if m["campaign_id"] else ""),
-        f"attempts  {m['attempts']}"
-        + (f"   next at {_iso(m['next_attempt_at'])}" if m["next_attempt_at"] else ""),
-    ]
-    times = [f"{s} {_iso(m[f'{s}_at'])}" for s in STATUS_TIMES if m[f"{s}_at"] is not None]
-    if times:
-        lines.append("times     " + "\n          ".join(times))
-    if m["last_error_type"]:
-        error = m["last_error_type"] + (f" {m['last_error_code']}" if m["last_error_code"]
-                                        else "")
-        if m["last_error"]:
-            error += f": {m['last_error']}"
-        lines.append(f"error     {error}")
-    lines.append("history")
-    if not status.history:
-        lines.append("  (none)")
-    width = max((len(e.kind) for e in status.history), default=0)
-    for entry in status.history:
-        lines.append(f"  {_iso(entry.at)}  {entry.kind:<{width}}  {entry.what}")
-    return "\n".join(lines)
 
-
-async def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
-    conn = await asyncpg.connect(settings.database_url)
-    try:
-        status = await load_status(conn, args.message_id)
-    finally:
-        await conn.close()
-    if status is None:
-        print(f"herald: no message {args.message_id!r}", file=sys.stderr)
-        return 1
-    if args.json:
-        print(json.dumps(status.to_json(), indent=2))
-    else:
-        print(render(status))
-    return 0
-
-
-def _iso(value: datetime) -> str:
+def iso(value: datetime) -> str:
     return value.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _jsonable(value: Any) -> Any:
     if isinstance(value, datetime):
-        return _iso(value)
+        return iso(value)
     if isinstance(value, str | int | float | bool) or value is None:
         return value
     return str(value)

@@ -1,4 +1,5 @@
-"""The CLI's subcommands (kept apart from argument parsing)."""
+"""``herald publish``: one send request, a JSONL file, or a campaign from CSV, with
+publisher confirms and a progress bar."""
 
 from __future__ import annotations
 
@@ -12,90 +13,34 @@ from pathlib import Path
 from typing import Any
 
 import aio_pika
-import asyncpg
 from pydantic import ValidationError
 
-from consumer import ops_cmd
+from consumer.cli.common import progress_bar
 from consumer.delivery.pipeline import lane_of
 from consumer.errors import ConfigError
-from consumer.migrate import migrate
 from consumer.publisher import Publisher
 from consumer.settings import Settings
-from consumer.topology import Names, Topology, declare_all, export_json
+from consumer.topology import Names
 from schemas import SendRequest
+from schemas.send_request import CHANNELS
 
 
-async def dispatch(args: argparse.Namespace, settings: Settings) -> int:
-    if args.command == "run":
-        return await cmd_run(args, settings)
-    if args.command == "migrate":
-        return await cmd_migrate(settings)
-    if args.command == "topology":
-        topology = Topology(Names(settings.prefix), delivery_limit=settings.delivery_limit)
-        if args.topology_command == "export":
-            sys.stdout.write(export_json(topology))
-            return 0
-        await declare_all(settings.amqp_url, topology)
-        print(f"declared {len(topology.exchanges)} exchanges, {len(topology.queues)} queues, "
-              f"{len(topology.bindings)} bindings with prefix {settings.prefix!r}")
-        return 0
-    if args.command == "publish":
-        return await cmd_publish(args, settings)
-    if args.command == "status":
-        from consumer.status_cmd import cmd_status
-
-        return await cmd_status(args, settings)
-    if args.command in ops_cmd.COMMANDS:
-        return await ops_cmd.dispatch(args, settings)
-    if args.command == "demo":
-        from consumer.demo import run_demo
-
-        url = args.sandbox_url or f"http://127.0.0.1:{settings.sandbox_port}"
-        return await run_demo(settings, sandbox_url=url.rstrip("/"), timeout_s=args.timeout)
-    if args.command == "sandbox":
-        from consumer.sandbox.app import serve
-
-        await serve(args.host, args.port if args.port is not None else settings.sandbox_port,
-                    settings.public_url)
-        return 0
-    raise AssertionError(args.command)
-
-
-async def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
-    from consumer.components import ROLES
-    from consumer.service import NotMigrated, run
-
-    channels = None
-    if args.channels:
-        channels = tuple(c.strip() for c in args.channels.split(",") if c.strip())
-        unknown = [c for c in channels if c not in ("http", "sms", "whatsapp", "messenger")]
-        if unknown:
-            raise ConfigError(f"--channels: unknown channel {unknown[0]!r}")
-    roles = tuple(r.strip() for r in args.roles.split(",") if r.strip())
-    unknown_roles = [r for r in roles if r not in ROLES]
-    if unknown_roles or not roles:
-        raise ConfigError(f"--roles: unknown role {unknown_roles[0]!r}" if unknown_roles
-                          else "--roles: name at least one role")
-    try:
-        await run(settings, channels=channels, roles=roles)
-    except NotMigrated as exc:
-        print(f"herald: {exc}", file=sys.stderr)
-        return 1
-    return 0
-
-
-async def cmd_migrate(settings: Settings) -> int:
-    conn = await asyncpg.connect(settings.database_url)
-    try:
-        applied = await migrate(conn)
-    finally:
-        await conn.close()
-    if applied:
-        for m in applied:
-            print(f"applied {m.version}_{m.name}")
-    else:
-        print("database is up to date")
-    return 0
+def add_parser(sub: Any, parser_class: type[argparse.ArgumentParser]) -> None:
+    publish = sub.add_parser("publish", help="publish send requests with publisher confirms")
+    publish.add_argument("--file", help="JSONL file of send requests ('-' for stdin)")
+    publish.add_argument("--channel", choices=CHANNELS)
+    publish.add_argument("--to", help="recipient")
+    publish.add_argument("--body", help="message text (JSON allowed for http)")
+    publish.add_argument("--message-id", help="idempotency key (default: a new UUID)")
+    publish.add_argument("--campaign", help="campaign id")
+    publish.add_argument("--max-attempts", type=int)
+    publish.add_argument("--send-at", help="ISO-8601 time with a zone")
+    publish.add_argument("--expires-at", help="ISO-8601 time with a zone")
+    publish.add_argument("--quiet", action="store_true", help="no progress output")
+    publish.add_argument("--csv", help="recipients CSV ('to' column): one message per row of"
+                         " --campaign, with --channel and --body-template")
+    publish.add_argument("--body-template", help="body text with {column} fields of --csv")
+    publish.set_defaults(handler=_publish)
 
 
 def _jsonl(lines: Iterable[str], source: str) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -157,7 +102,7 @@ def _requests_from_args(args: argparse.Namespace) -> Iterator[tuple[int, dict[st
     yield 1, request
 
 
-async def cmd_publish(args: argparse.Namespace, settings: Settings) -> int:
+async def _publish(args: argparse.Namespace, settings: Settings) -> int:
     # Validate everything first: a bad line is reported before anything is sent.
     requests = []
     for number, raw in _requests_from_args(args):
@@ -188,7 +133,7 @@ async def cmd_publish(args: argparse.Namespace, settings: Settings) -> int:
             ))
             accepted += len(chunk)
             if not args.quiet and sys.stderr.isatty():
-                print(f"\r{ops_cmd.progress_bar(accepted, total)}", end="", file=sys.stderr,
+                print(f"\r{progress_bar(accepted, total)}", end="", file=sys.stderr,
                       flush=True)
         if not args.quiet and sys.stderr.isatty():
             print(file=sys.stderr)

@@ -1,0 +1,76 @@
+"""``herald stats``: delivery and retry statistics, for all messages or one campaign."""
+
+from __future__ import annotations
+
+import argparse
+from typing import TYPE_CHECKING, Any
+
+from consumer.cli.common import add_json_flag, count, counts, cut, print_json, with_pool
+
+if TYPE_CHECKING:
+    import asyncpg
+
+    from consumer.settings import Settings
+
+
+def add_parser(sub: Any, parser_class: type[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("stats", help="delivery and retry statistics")
+    p.add_argument("--campaign", help="one campaign (default: all messages)")
+    p.add_argument("--recent", type=count, default=10, help="recent errors shown")
+    add_json_flag(p)
+    p.set_defaults(handler=with_pool(_stats))
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{value * 100:.1f}%"
+
+
+def print_stats(s: dict[str, Any]) -> None:
+    print(f"campaign {s['campaign']}" if s["campaign"] else "all messages")
+    totals = s["totals"]
+    print(f"  messages {totals['all']}: "
+          + ", ".join(f"{k} {v}" for k, v in totals.items() if k != "all" and v))
+    print(f"  attempted {s['attempted']}; sent on first attempt {s['sent_first_attempt']}"
+          f" ({_percent(s['first_attempt_success_rate'])}); needed retries"
+          f" {s['needed_retries']} (retry rate {_percent(s['retry_rate'])}), of which"
+          f" {s['recovered_by_retries']} succeeded")
+    print(f"  average attempts per message {s['average_attempts'] or '-'}; success rate"
+          f" {_percent(s['success_rate'])} ({s['succeeded']} of {s['finished']} finished)")
+    if s["failures_by_error_type"]:
+        print("  failures by error_type:")
+        for name, f in s["failures_by_error_type"].items():
+            print(f"    {name:<18} attempts {f['failed_attempts']:<6} messages"
+                  f" {f['messages_affected']:<6} ended failed {f['messages_failed']:<6}"
+                  f" last {f['last_failure_at']}")
+    if s["by_attempt"]:
+        print("  by attempt number:")
+        for a in s["by_attempt"]:
+            print(f"    #{a['attempt']:<3} made {a['attempts']:<6} sent {a['sent']:<6}"
+                  f" retried {a['retried']:<6} failed {a['failed']:<6}"
+                  f" success {_percent(a['success_rate'])}")
+    c = s["retry_config"]
+    print(f"  retry configuration: max_attempts {c['max_attempts']}, base_delay_s"
+          f" {c['base_delay_s']:g}, max_delay_s {c['max_delay_s']:g}, mode {c['mode']},"
+          f" jitter {c['jitter']:g}"
+          + (f" (from the campaign: {', '.join(c['from_campaign'])})" if c["from_campaign"]
+             else " (settings)")
+          + "; a message's own retry fields win")
+    if s["parked_by_error_type"]:
+        print(f"  parked now: {counts(s['parked_by_error_type'])}")
+    if s["recent_errors"]:
+        print("  most recent errors:")
+        for e in s["recent_errors"]:
+            print(f"    {e['at']}  {e['message_id']} #{e['attempt']} {e['error_type']}"
+                  f" {e['error_code'] or '-'} {e['recipient']}: {cut(e['error'], 80)}")
+
+
+async def _stats(args: argparse.Namespace, settings: Settings, pool: asyncpg.Pool) -> int:
+    from consumer.records.stats import statistics
+
+    found = await statistics(pool, settings, args.campaign, recent=args.recent)
+    if args.json:
+        print_json(found)
+    else:
+        print_stats(found)
+    return 0
+

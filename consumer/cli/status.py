@@ -1,0 +1,75 @@
+"""``herald status MESSAGE_ID``: where a message is and how it got there.
+
+Prints the message's current status, its per-status times and last error,
+then its whole history in time order (see :mod:`consumer.records.history`).
+``--json`` prints the same as one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+import asyncpg
+
+from consumer.logs import mask_recipient
+from consumer.records.history import STATUS_TIMES, MessageStatus, iso, load_status
+from consumer.settings import Settings
+
+
+def add_parser(sub: Any, parser_class: type[argparse.ArgumentParser]) -> None:
+    status = sub.add_parser("status", help="a message's status and its history")
+    status.add_argument("message_id", help="the message's idempotency key")
+    status.add_argument("--json", action="store_true", help="print JSON")
+    status.set_defaults(handler=_status)
+
+
+def render(status: MessageStatus) -> str:
+    """The human form: a header, then the history one event a line."""
+    m = status.message
+    via = m["channel"] + (f" via {m['provider']}" if m["provider"] else "")
+    if m["provider_message_id"]:
+        via += f", provider id {m['provider_message_id']}"
+    lines = [
+        f"message   {m['message_id']}",
+        f"status    {m['status']}  ({via})",
+        f"to        {mask_recipient(m['recipient'])}"
+        + (f"   campaign {m['campaign_id']}" if m["campaign_id"] else ""),
+        f"attempts  {m['attempts']}"
+        + (f"   next at {iso(m['next_attempt_at'])}" if m["next_attempt_at"] else ""),
+    ]
+    times = [f"{s} {iso(m[f'{s}_at'])}" for s in STATUS_TIMES if m[f"{s}_at"] is not None]
+    if times:
+        lines.append("times     " + "\n          ".join(times))
+    if m["last_error_type"]:
+        error = m["last_error_type"] + (f" {m['last_error_code']}" if m["last_error_code"]
+                                        else "")
+        if m["last_error"]:
+            error += f": {m['last_error']}"
+        lines.append(f"error     {error}")
+    lines.append("history")
+    if not status.history:
+        lines.append("  (none)")
+    width = max((len(e.kind) for e in status.history), default=0)
+    for entry in status.history:
+        lines.append(f"  {iso(entry.at)}  {entry.kind:<{width}}  {entry.what}")
+    return "\n".join(lines)
+
+
+async def _status(args: argparse.Namespace, settings: Settings) -> int:
+    conn = await asyncpg.connect(settings.database_url)
+    try:
+        status = await load_status(conn, args.message_id)
+    finally:
+        await conn.close()
+    if status is None:
+        print(f"herald: no message {args.message_id!r}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(status.to_json(), indent=2))
+    else:
+        print(render(status))
+    return 0
+
