@@ -1,16 +1,30 @@
-"""``herald run``: wire settings, broker, database, providers, consumers and the
-HTTP server together; start them, and stop them gracefully."""
+"""``herald run``: the composition root.
+
+:class:`Service` builds every part from the settings (database pool, broker
+connection, publisher, provider adapters, the pipeline, the channel
+registry, the background components of its roles and the HTTP routes),
+hands each part the few things it needs, starts them, and stops them
+gracefully in reverse order. Nothing reaches back into the service.
+
+Roles (``herald run --roles``) let operators scale parts apart:
+
+- ``senders``: the channel consumers (delivery pipeline);
+- ``events``: the consumer of ``{prefix}.events`` (provider status updates);
+- ``gateway``: the HTTP routes providers and people call (webhooks, admin
+  API) and the queue/backlog gauges.
+
+Every role serves ``/metrics``, ``/healthz`` and ``/readyz``.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import signal
-import time
 import uuid
 from collections.abc import Callable
 from contextlib import suppress
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 import aio_pika
 import aiohttp
@@ -19,12 +33,13 @@ import structlog
 from aio_pika.abc import AbstractRobustConnection
 from aiohttp import web
 
-from consumer.components import ROLES, Component, add_routes, build_components
+from consumer.admin.api import add_admin_routes
 from consumer.delivery.channels import ChannelControl
 from consumer.delivery.pause import PauseState
 from consumer.delivery.pipeline import LEASE_MARGIN_S, Pipeline
 from consumer.delivery.rate import Breaker
-from consumer.errors import DeliveryError
+from consumer.delivery.registry import ChannelRegistry
+from consumer.gauges import Observer
 from consumer.http_server import create_app, start_site
 from consumer.migrate import discover
 from consumer.providers.base import Provider
@@ -34,11 +49,25 @@ from consumer.providers.twilio import TwilioProvider
 from consumer.providers.whatsapp import WhatsAppProvider
 from consumer.publisher import Publisher
 from consumer.settings import Settings
+from consumer.status.events import EventsConsumer
+from consumer.status.webhooks import WebhookReceiver
 from consumer.store import Store, create_pool
 from consumer.topology import Names, Topology
 from schemas.send_request import CHANNELS
 
 log = structlog.get_logger("herald.service")
+
+ROLES: tuple[str, ...] = ("senders", "events", "gateway")
+
+
+class Component(Protocol):
+    """A background part of the service, started after the consumers and stopped before."""
+
+    name: str
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
 
 
 class NotMigrated(Exception):
@@ -96,9 +125,8 @@ class Service:
         self.publisher: Publisher | None = None
         self.store: Store | None = None
         self.pipeline: Pipeline | None = None
-        self.consumers: dict[str, ChannelControl] = {}
+        self.channels = ChannelRegistry(pause_base_s=settings.pause_base_s)
         self.providers: dict[str, Provider] = {}
-        self.inactive: dict[str, str] = {}
         self.runner: web.AppRunner | None = None
         self.grace_s = settings.send_timeout_s + LEASE_MARGIN_S
 
@@ -118,10 +146,11 @@ class Service:
                                          enable_cleanup_closed=True)
         self.session = aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(
             total=None, connect=min(10.0, s.send_timeout_s)))
-        self.providers, self.inactive = build_providers(s, self.session)
+        self.providers, self.channels.inactive = build_providers(s, self.session)
         self.pipeline = Pipeline(
             s, self.store, self.publisher, self.providers,
-            instance_id=self.instance_id, stopping=self.stopping, hooks=self, now=self.now,
+            instance_id=self.instance_id, stopping=self.stopping, hooks=self.channels,
+            now=self.now,
         )
         active = [c for c in CHANNELS if c in self.providers
                   and (self.only_channels is None or c in self.only_channels)]
@@ -135,52 +164,59 @@ class Service:
                 breaker=Breaker(threshold=s.breaker_threshold),
             )
             await consumer.start()
-            self.consumers[channel] = consumer
-        self.components = build_components(self)
+            self.channels.add(consumer)
+        self.components = self._components(self.connection, self.pool, self.store)
         for component in self.components:
             await component.start()
         if self.serve_http:
             app = create_app(self.readiness)
-            add_routes(app, self)
+            self._add_routes(app, self.connection, self.pool)
             self.runner = await start_site(app, s.http_host, s.http_port)
         log.info("service.started", roles=list(self.roles), active_channels=active,
-                 inactive_channels=self.inactive,
+                 inactive_channels=self.channels.inactive,
                  prefix=s.prefix, instance=self.instance_id, http_port=s.http_port
                  if self.serve_http else None)
 
-    # -- ChannelHooks (called by the pipeline) ----------------------------------------
+    def _components(self, connection: AbstractRobustConnection, pool: asyncpg.Pool,
+                    store: Store) -> list[Component]:
+        """The background components of this process's roles."""
+        components: list[Component] = []
+        if "gateway" in self.roles:
+            components.append(Observer(connection, self.names, pool))
+        if "events" in self.roles:
+            components.append(EventsConsumer(
+                connection=connection, names=self.names, pool=pool, store=store,
+                settings=self.settings,
+                on_provider_wide=self.channels.provider_wide,  # pauses the channel's senders
+            ))
+        return components
 
-    def provider_wide(self, channel: str, error: DeliveryError) -> float:
-        consumer = self.consumers.get(channel)
-        if consumer is None:
-            return self.settings.pause_base_s
-        consumer.trip(f"{error.error_type.value}:{error.code or '?'}")
-        return max(consumer.pause.remaining(time.monotonic()), 1.0)
+    def _add_routes(self, app: web.Application, connection: AbstractRobustConnection,
+                    pool: asyncpg.Pool) -> None:
+        """The HTTP routes of this process's roles (besides metrics and health)."""
+        if "gateway" not in self.roles:
+            return
+        WebhookReceiver(self.settings, Publisher(connection, self.names)).add_routes(app)
+        if self.settings.admin_token:
+            add_admin_routes(app, settings=self.settings, pool=pool, names=self.names,
+                             connection=connection, status=self.status)
 
-    def sent(self, channel: str) -> None:
-        consumer = self.consumers.get(channel)
-        if consumer is not None:
-            consumer.sent_ok()
-
-    async def acquire(self, channel: str, lane: str) -> None:
-        consumer = self.consumers.get(channel)
-        if consumer is not None:
-            await consumer.limiter.acquire(lane)
-
-    def rate_limited(self, channel: str) -> None:
-        consumer = self.consumers.get(channel)
-        if consumer is not None:
-            consumer.rate_limited()
-
-    def transient_failure(self, channel: str, recipient: str) -> bool:
-        consumer = self.consumers.get(channel)
-        return consumer is not None and consumer.transient_failure(recipient)
+    def status(self) -> dict[str, Any]:
+        """This process's part of ``/admin/status``."""
+        return {
+            "instance": self.instance_id,
+            "roles": list(self.roles),
+            "prefix": self.settings.prefix,
+            "stopping": self.stopping.is_set(),
+            "channels": {name: state.to_json()
+                         for name, state in self.channels.snapshot().items()},
+            "in_flight": self.channels.in_flight,
+        }
 
     async def readiness(self) -> dict[str, bool]:
         checks = {"broker": bool(self.connection and not self.connection.is_closed)}
         if "senders" in self.roles:
-            checks["consumers"] = bool(self.consumers) and all(
-                c.active for c in self.consumers.values())
+            checks["consumers"] = self.channels.active
         db_ok = False
         if self.store is not None:
             try:
@@ -193,17 +229,13 @@ class Service:
 
     async def stop(self) -> None:
         """Stop taking work, finish what is in flight (within a grace period), close."""
-        log.info("service.stopping", in_flight=sum(len(c.tasks) for c in self.consumers.values()))
-        for consumer in self.consumers.values():
-            await consumer.stop_consuming()
-        left = 0
-        for consumer in self.consumers.values():
-            left += await consumer.drain(self.grace_s)
+        log.info("service.stopping", in_flight=self.channels.in_flight)
+        await self.channels.stop_consuming()
+        left = await self.channels.drain(self.grace_s)
         # Anything still waiting on an outage gives up now and stays unacked.
         self.stopping.set()
-        for consumer in self.consumers.values():
-            left += await consumer.drain(1.0)
-            await consumer.close()
+        left += await self.channels.drain(1.0)
+        await self.channels.close()
         for component in reversed(self.components):
             try:
                 await component.stop()

@@ -38,12 +38,13 @@ import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import asyncpg
 import structlog
+from aio_pika.abc import AbstractRobustConnection
 from aiohttp import web
 
-from consumer import metrics
 from consumer.admin import audit
 from consumer.errors import ConfigError
 from consumer.parking.lot import (
@@ -60,10 +61,8 @@ from consumer.parking.passes import LotBusy
 from consumer.parking.replay import Edit, ReplayOptions, replay
 from consumer.records import campaigns
 from consumer.records.stats import statistics
-from consumer.topology import Topology
-
-if TYPE_CHECKING:
-    from consumer.service import Service
+from consumer.settings import Settings
+from consumer.topology import Names, Topology
 
 log = structlog.get_logger("herald.admin")
 
@@ -115,15 +114,20 @@ def _problem(status: int, message: str) -> web.Response:
     return web.json_response({"error": message}, status=status)
 
 
-class AdminApi:
-    def __init__(self, service: Service, tokens: list[AdminToken]) -> None:
-        self.service = service
-        self.tokens = tokens
+# The running service's own part of /admin/status (channels, in flight, roles).
+StatusSource = Callable[[], dict[str, Any]]
 
-    @property
-    def lot(self) -> Lot:
-        assert self.service.pool is not None
-        return Lot(self.service.pool, self.service.settings.amqp_url, self.service.names)
+
+class AdminApi:
+    def __init__(self, *, settings: Settings, pool: asyncpg.Pool, names: Names,
+                 connection: AbstractRobustConnection, status: StatusSource,
+                 tokens: list[AdminToken]) -> None:
+        self.settings = settings
+        self.names = names
+        self.connection = connection
+        self.service_status = status
+        self.tokens = tokens
+        self.lot = Lot(pool, settings.amqp_url, names)
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self._auth, self._errors])
@@ -190,42 +194,24 @@ class AdminApi:
     # -- reading -------------------------------------------------------------------
 
     async def status(self, _: web.Request) -> web.Response:
-        service = self.service
-        paused = _gauge_labels(metrics.CHANNEL_PAUSED, "channel", "reason")
-        in_flight = {ch: int(v) for ch, v in _gauge_values(metrics.IN_FLIGHT, "channel").items()}
-        channels: dict[str, Any] = {}
-        for name, consumer in service.consumers.items():
-            channels[name] = {"consuming": bool(getattr(consumer, "active", False)),
-                              "in_flight": in_flight.get(name, 0),
-                              "paused": paused.get(name)}
-        for name, why in service.inactive.items():
-            channels.setdefault(name, {"consuming": False, "in_flight": 0,
-                                       "paused": paused.get(name)})["inactive"] = why
+        answer = self.service_status()
         queues = await self._queue_depths()
         listing = await list_parked(self.lot.pool, Selection(), limit=0)
-        return web.json_response({
-            "instance": service.instance_id,
-            "roles": list(service.roles),
-            "prefix": service.settings.prefix,
-            "stopping": service.stopping.is_set(),
-            "channels": channels,
-            "paused": {ch: why for ch, why in paused.items()},
-            "in_flight": sum(in_flight.values()),
+        paused = {name: ch["paused"] for name, ch in answer["channels"].items() if ch["paused"]}
+        return web.json_response(answer | {
+            "paused": paused,
             "queues": queues,
-            "parked": {"queue": queues.get(service.names.parked, {}).get("messages"),
+            "parked": {"queue": queues.get(self.names.parked, {}).get("messages"),
                        "index": listing.total, "by_error_type": listing.by_error_type},
         })
 
     async def _queue_depths(self) -> dict[str, dict[str, int]]:
-        connection = self.service.connection
         found: dict[str, dict[str, int]] = {}
-        if connection is None:
-            return found
-        channel = await connection.channel()
+        channel = await self.connection.channel()
         try:
             # The underlying channel: a robust channel would answer from its cache.
             underlay = await channel.get_underlay_channel()
-            for queue in Topology(self.service.names).queues:
+            for queue in Topology(self.names).queues:
                 result = await underlay.queue_declare(queue["name"], passive=True, timeout=10)
                 found[queue["name"]] = {"messages": int(result.message_count or 0),
                                         "consumers": int(result.consumer_count or 0)}
@@ -253,12 +239,12 @@ class AdminApi:
 
     async def stats(self, request: web.Request) -> web.Response:
         return web.json_response(await statistics(
-            self.lot.pool, self.service.settings, request.query.get("campaign") or None))
+            self.lot.pool, self.settings, request.query.get("campaign") or None))
 
     async def campaign(self, request: web.Request) -> web.Response:
         campaign_id = request.match_info["id"]
         row = await campaigns.get(self.lot.pool, campaign_id)
-        figures = await statistics(self.lot.pool, self.service.settings, campaign_id)
+        figures = await statistics(self.lot.pool, self.settings, campaign_id)
         return web.json_response({"campaign": row, "stats": figures})
 
     # -- changing --------------------------------------------------------------------
@@ -310,26 +296,6 @@ class AdminApi:
             request, "parked.reject", {"ids": [str(i) for i in ids], "reason": reason}, work)
 
 
-def _gauge_values(gauge: Any, label: str) -> dict[str, float]:
-    values: dict[str, float] = {}
-    for family in gauge.collect():
-        for sample in family.samples:
-            key = sample.labels.get(label)
-            if key is not None:
-                values[key] = values.get(key, 0.0) + sample.value
-    return values
-
-
-def _gauge_labels(gauge: Any, label: str, detail: str) -> dict[str, str]:
-    """label -> detail of the series set to 1 (e.g. channel -> pause reason)."""
-    found: dict[str, str] = {}
-    for family in gauge.collect():
-        for sample in family.samples:
-            if sample.value >= 1 and label in sample.labels:
-                found[sample.labels[label]] = sample.labels.get(detail, "")
-    return found
-
-
 def _strings(value: Any, name: str) -> list[str]:
     if value is None:
         return []
@@ -369,9 +335,13 @@ def _int(value: str | None, name: str, default: int, high: int) -> int:
     return number
 
 
-def add_admin_routes(app: web.Application, service: Service) -> None:
+def add_admin_routes(app: web.Application, *, settings: Settings, pool: asyncpg.Pool,
+                     names: Names, connection: AbstractRobustConnection,
+                     status: StatusSource) -> None:
     """Mount the admin API at /admin/ (the caller checked that a token is set)."""
-    assert service.settings.admin_token
-    tokens = parse_tokens(service.settings.admin_token)
-    app.add_subapp("/admin/", AdminApi(service, tokens).app())
+    assert settings.admin_token
+    tokens = parse_tokens(settings.admin_token)
+    api = AdminApi(settings=settings, pool=pool, names=names, connection=connection,
+                   status=status, tokens=tokens)
+    app.add_subapp("/admin/", api.app())
     log.info("admin.enabled", tokens=[t.label for t in tokens])

@@ -40,8 +40,7 @@ def add_parsers(sub: Any, parser_class: type[argparse.ArgumentParser]) -> None:
 
 
 async def _run(args: argparse.Namespace, settings: Settings) -> int:
-    from consumer.components import ROLES
-    from consumer.service import NotMigrated, run
+    from consumer.service import ROLES, NotMigrated, run
 
     channels = None
     if args.channels:

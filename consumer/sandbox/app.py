@@ -15,36 +15,17 @@ import json
 import time
 import uuid
 from collections import Counter, defaultdict, deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from consumer.sandbox.providers import ProviderSandbox, install
+from consumer.sandbox.record import Received
+
 if TYPE_CHECKING:
     from consumer.sandbox.callbacks import CallbackConfig
     from consumer.sandbox.env import SandboxCredentials
-    from consumer.sandbox.providers import ProviderSandbox
-
-
-@dataclass
-class Received:
-    """One request the sandbox answered."""
-
-    provider: str
-    message_id: str | None
-    attempt: int | None
-    path: str
-    status: int
-    at: float
-    body: Any = None
-    headers: dict[str, str] = field(default_factory=dict)
-    provider_message_id: str | None = None
-    recipient: str | None = None  # the number or PSID (provider channels)
-    raw: str | None = None  # the request body as received (provider channels)
-
-    @property
-    def accepted(self) -> bool:
-        return 200 <= self.status < 300
 
 
 @dataclass(frozen=True)
@@ -95,9 +76,7 @@ class Sandbox:
         self.app.router.add_get("/_sandbox/requests", self._list)
         self.app.router.add_get("/_sandbox/counts", self._counts)
         self.app.router.add_post("/_sandbox/reset", self._reset)
-        from consumer.sandbox.providers import install  # imports this module
-
-        self.providers: ProviderSandbox = install(self, credentials, callbacks)
+        self.providers: ProviderSandbox = install(self.app, self.received, credentials, callbacks)
 
     # -- what tests read --------------------------------------------------------------
 

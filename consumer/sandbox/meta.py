@@ -29,8 +29,7 @@ from consumer.sandbox.scripts import Script
 from consumer.status.signatures import meta_signature
 
 if TYPE_CHECKING:
-    from consumer.sandbox.app import Sandbox
-    from consumer.sandbox.providers import ProviderSandbox
+    from consumer.sandbox.record import ProviderState
 
 # Messages Graph gives with each code (and subcode) the sandbox can answer.
 MESSAGES: dict[int | tuple[int, int], str] = {
@@ -105,7 +104,7 @@ def _mid() -> str:
 
 
 class FakeMeta:
-    def __init__(self, fakes: ProviderSandbox) -> None:
+    def __init__(self, fakes: ProviderState) -> None:
         self.fakes = fakes
 
     # -- WhatsApp -------------------------------------------------------------------
@@ -363,9 +362,9 @@ def _messenger_problem(payload: Any) -> str | None:
     return None
 
 
-def add_routes(sandbox: Sandbox, fakes: ProviderSandbox) -> None:
+def add_routes(app: web.Application, fakes: ProviderState) -> None:
     fake = FakeMeta(fakes)
     version = r"{version:v[0-9]+\.[0-9]+}"
     # Registered first: the WhatsApp route would take "me" for a phone number id.
-    sandbox.app.router.add_post(f"/{version}/me/messages", fake.messenger)
-    sandbox.app.router.add_post(f"/{version}/{{phone_number_id}}/messages", fake.whatsapp)
+    app.router.add_post(f"/{version}/me/messages", fake.messenger)
+    app.router.add_post(f"/{version}/{{phone_number_id}}/messages", fake.whatsapp)

@@ -1,6 +1,6 @@
 """The fake Twilio, WhatsApp and Messenger APIs of the sandbox, and their controls.
 
-:func:`install` is the hook :class:`consumer.sandbox.app.Sandbox` calls: it
+:func:`install` is what :class:`consumer.sandbox.app.Sandbox` calls: it
 adds the provider routes (``consumer.sandbox.twilio``, ``consumer.sandbox.meta``)
 and the control endpoints to the sandbox's app and returns the
 :class:`ProviderSandbox` that tests drive from Python:
@@ -18,37 +18,21 @@ and the control endpoints to the sandbox's app and returns the
 from __future__ import annotations
 
 import json
-import time
 from collections import Counter
 from dataclasses import asdict
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from aiohttp import web
 
 from consumer.sandbox import meta, twilio
-from consumer.sandbox.app import Received
-from consumer.sandbox.callbacks import CallbackConfig, CallbackSender
+from consumer.sandbox.callbacks import CallbackConfig
 from consumer.sandbox.env import SandboxCredentials
-from consumer.sandbox.scripts import ProviderModes, Script, ScriptBook, check_provider
-
-if TYPE_CHECKING:
-    from consumer.sandbox.app import Sandbox
+from consumer.sandbox.record import ProviderState, Received
+from consumer.sandbox.scripts import Script, check_provider
 
 
-class ProviderSandbox:
-    """State of the fake providers: credentials, scripts, modes and callbacks."""
-
-    def __init__(
-        self,
-        sandbox: Sandbox,
-        credentials: SandboxCredentials | None = None,
-        callbacks: CallbackConfig | None = None,
-    ) -> None:
-        self.sandbox = sandbox
-        self.credentials = credentials or SandboxCredentials()
-        self.scripts = ScriptBook()
-        self.modes = ProviderModes()
-        self.callbacks = CallbackSender(callbacks or CallbackConfig())
+class ProviderSandbox(ProviderState):
+    """The fake providers' state with the controls tests use (Python and HTTP)."""
 
     # -- the Python API for tests ----------------------------------------------------
 
@@ -79,43 +63,13 @@ class ProviderSandbox:
 
     def accepted(self, provider: str | None = None) -> list[Received]:
         """Accepted sends of the fake providers (all three, or one)."""
-        return [r for r in self.sandbox.received
+        return [r for r in self.received
                 if r.accepted and r.provider in ("twilio", "whatsapp", "messenger")
                 and (provider is None or r.provider == provider)]
 
     def accepted_by_recipient(self, provider: str | None = None) -> Counter[str]:
         """Accepted sends per recipient; Herald's message id never reaches these providers."""
         return Counter(r.recipient for r in self.accepted(provider) if r.recipient)
-
-    def record(
-        self,
-        provider: str,
-        request: web.Request,
-        *,
-        raw: bytes,
-        status: int,
-        body: Any,
-        recipient: str | None,
-        provider_message_id: str | None,
-    ) -> None:
-        """Add one answered request to the sandbox's ``received``.
-
-        Herald's message id never reaches these providers, so ``message_id``
-        stays None; tests map ``provider_message_id`` or ``recipient`` to it.
-        """
-        self.sandbox.received.append(Received(
-            provider=provider,
-            message_id=None,
-            attempt=None,
-            path=request.path_qs,
-            status=status,
-            at=time.time(),
-            body=body,
-            headers=dict(request.headers),
-            provider_message_id=provider_message_id,
-            recipient=recipient,
-            raw=raw.decode("utf-8", "replace"),
-        ))
 
     def reset(self) -> None:
         """Forget scripts, modes and sent callbacks (the callback config stays)."""
@@ -193,20 +147,21 @@ async def _json_object(request: web.Request) -> dict[str, Any]:
 
 
 def install(
-    sandbox: Sandbox,
+    app: web.Application,
+    received: list[Received],
     credentials: SandboxCredentials | None = None,
     callbacks: CallbackConfig | None = None,
 ) -> ProviderSandbox:
-    """Add the fake providers and their controls to ``sandbox.app``."""
-    fakes = ProviderSandbox(sandbox, credentials, callbacks)
-    router = sandbox.app.router
+    """Add the fake providers and their controls to ``app``; they record into ``received``."""
+    fakes = ProviderSandbox(received, credentials, callbacks)
+    router = app.router
     router.add_post("/_sandbox/script", fakes._set_script)
     router.add_get("/_sandbox/scripts", fakes._list_scripts)
     router.add_post("/_sandbox/provider", fakes._set_mode)
     router.add_get("/_sandbox/provider", fakes._list_modes)
     router.add_post("/_sandbox/callbacks", fakes._set_callbacks)
     router.add_get("/_sandbox/callbacks", fakes._list_callbacks)
-    twilio.add_routes(sandbox, fakes)
-    meta.add_routes(sandbox, fakes)
-    sandbox.app.on_cleanup.append(fakes._on_cleanup)
+    twilio.add_routes(app, fakes)
+    meta.add_routes(app, fakes)
+    app.on_cleanup.append(fakes._on_cleanup)
     return fakes

@@ -27,8 +27,7 @@ from consumer.sandbox.scripts import Script
 from consumer.status.signatures import twilio_signature
 
 if TYPE_CHECKING:
-    from consumer.sandbox.app import Sandbox
-    from consumer.sandbox.providers import ProviderSandbox
+    from consumer.sandbox.record import ProviderState
 
 API_VERSION = "2010-04-01"
 MAX_BODY = 1600
@@ -83,7 +82,7 @@ def error_body(code: int, status: int | None = None, **fmt: str) -> tuple[int, d
 
 
 class FakeTwilio:
-    def __init__(self, fakes: ProviderSandbox) -> None:
+    def __init__(self, fakes: ProviderState) -> None:
         self.fakes = fakes
 
     async def messages(self, request: web.Request) -> web.Response:
@@ -219,6 +218,6 @@ class FakeTwilio:
         return Callback("twilio", url, status, sid, render)
 
 
-def add_routes(sandbox: Sandbox, fakes: ProviderSandbox) -> None:
+def add_routes(app: web.Application, fakes: ProviderState) -> None:
     fake = FakeTwilio(fakes)
-    sandbox.app.router.add_post(f"/{API_VERSION}/Accounts/{{sid}}/Messages.json", fake.messages)
+    app.router.add_post(f"/{API_VERSION}/Accounts/{{sid}}/Messages.json", fake.messages)

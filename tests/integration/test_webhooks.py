@@ -17,9 +17,8 @@ import pytest
 from aio_pika.abc import AbstractRobustConnection
 from prometheus_client import REGISTRY
 
-from consumer.components import ROLES
 from consumer.sandbox.env import SandboxCredentials, sandbox_env
-from consumer.service import Service
+from consumer.service import ROLES, Service
 from consumer.settings import Settings
 from consumer.status.signatures import meta_signature, twilio_signature
 from schemas import ProviderEvent
