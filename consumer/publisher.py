@@ -14,9 +14,7 @@ import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractRobustConnection
 
 from consumer.topology import MAX_DELAY_S, Names, delay_routing_key
-
-HEADER_ATTEMPT = "x-herald-attempt"
-HEADER_DUE_AT = "x-herald-due-at"
+from consumer.wire import HEADER_DUE_AT
 
 
 class Unroutable(Exception):

@@ -34,15 +34,9 @@ from consumer.delivery.backoff import RetryPolicy, retry_delay, should_retry
 from consumer.delivery.rate import TRANSIENT
 from consumer.delivery.recipients import validate_recipient
 from consumer.errors import DeliveryError, ErrorType
-from consumer.parking.park import (
-    HEADER_ERROR_CODE,
-    HEADER_ERROR_TYPE,
-    HEADER_LAST_ERROR,
-    error_headers,
-    park,
-)
+from consumer.parking.park import error_headers, park
 from consumer.providers.base import Provider
-from consumer.publisher import HEADER_ATTEMPT, HEADER_DUE_AT, Publisher
+from consumer.publisher import Publisher
 from consumer.settings import Settings
 from consumer.store import (
     Campaign,
@@ -51,16 +45,19 @@ from consumer.store import (
     is_transient_db_error,
     resolve_policy,
 )
+from consumer.wire import (
+    HEADER_ATTEMPT,
+    HEADER_ATTEMPT_BASE,
+    HEADER_DUE_AT,
+    HEADER_FIRST_SEEN,
+    PER_ATTEMPT,
+)
 from schemas import SendRequest
 
 log = structlog.get_logger("herald.pipeline")
 
 T = TypeVar("T")
 
-# Attempts numbered up to this one were used before a replay with a fresh budget.
-HEADER_ATTEMPT_BASE = "x-herald-attempt-base"
-# When Herald first saw the message (epoch seconds), kept across retries.
-HEADER_FIRST_SEEN = "x-herald-first-seen"
 
 # A message whose body is larger than this is parked without being parsed.
 MAX_BODY_BYTES = 256 * 1024
@@ -700,16 +697,8 @@ def _float_header(value: object) -> float | None:
     return None
 
 
-# Headers that describe one attempt's failure or a delay trip: never carried over.
-_PER_ATTEMPT = frozenset({HEADER_ERROR_TYPE, HEADER_ERROR_CODE, HEADER_LAST_ERROR,
-                          HEADER_DUE_AT, HEADER_ATTEMPT, "x-death", "x-first-death-exchange",
-                          "x-first-death-queue", "x-first-death-reason",
-                          "x-last-death-exchange", "x-last-death-queue",
-                          "x-last-death-reason", "x-delivery-count"})
-
-
 def _forwarded(incoming: Mapping[str, Any]) -> dict[str, Any]:
     """The headers a republished copy keeps (publisher's own, attempt base, first seen)."""
-    return {k: v for k, v in incoming.items() if k not in _PER_ATTEMPT}
+    return {k: v for k, v in incoming.items() if k not in PER_ATTEMPT}
 
 

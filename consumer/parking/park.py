@@ -17,16 +17,18 @@ from typing import Any
 
 from consumer import metrics
 from consumer.errors import DeliveryError
-from consumer.publisher import HEADER_ATTEMPT, Publisher
+from consumer.publisher import Publisher
 from consumer.store import Store
-
-HEADER_ERROR_TYPE = "x-herald-error-type"
-HEADER_ERROR_CODE = "x-herald-error-code"
-HEADER_LAST_ERROR = "x-herald-last-error"
-HEADER_PARKED_AT = "x-herald-parked-at"
-HEADER_CHANNEL = "x-herald-channel"
-HEADER_MESSAGE_ID = "x-herald-message-id"
-HEADER_PARKED_ID = "x-herald-parked-id"
+from consumer.wire import (
+    HEADER_ATTEMPT,
+    HEADER_CHANNEL,
+    HEADER_ERROR_CODE,
+    HEADER_ERROR_TYPE,
+    HEADER_LAST_ERROR,
+    HEADER_MESSAGE_ID,
+    HEADER_PARKED_AT,
+    HEADER_PARKED_ID,
+)
 
 # Runs one broker or database step; the pipeline's retries outages, by default
 # a step simply runs.

@@ -49,17 +49,20 @@ from aio_pika.abc import (
 from asyncpg.pool import PoolConnectionProxy
 from pydantic import ValidationError
 
-from consumer.parking.park import (
+from consumer.topology import Names
+from consumer.wire import (
+    HEADER_ATTEMPT,
     HEADER_CHANNEL,
+    HEADER_DEATH,
     HEADER_ERROR_CODE,
     HEADER_ERROR_TYPE,
+    HEADER_FIRST_DEATH_QUEUE,
+    HEADER_FIRST_DEATH_REASON,
     HEADER_LAST_ERROR,
     HEADER_MESSAGE_ID,
     HEADER_PARKED_AT,
     HEADER_PARKED_ID,
 )
-from consumer.publisher import HEADER_ATTEMPT
-from consumer.topology import Names
 from schemas import SendRequest
 
 log = structlog.get_logger("herald.parking_queue")
@@ -98,7 +101,7 @@ def _text(value: object) -> str | None:
 
 
 def _first_death(headers: dict[str, Any]) -> dict[str, Any]:
-    deaths = headers.get("x-death")
+    deaths = headers.get(HEADER_DEATH)
     if isinstance(deaths, list | tuple) and deaths and isinstance(deaths[-1], dict):
         # x-death lists the most recent death first; the first one is last.
         return dict(deaths[-1])
@@ -115,7 +118,7 @@ def copy_id(message: AbstractIncomingMessage) -> tuple[uuid.UUID, bool]:
     death = _first_death(headers)
     material = json.dumps([
         hashlib.sha256(message.body).hexdigest(), message.message_id,
-        _text(headers.get("x-first-death-queue")), _text(headers.get("x-first-death-reason")),
+        _text(headers.get(HEADER_FIRST_DEATH_QUEUE)), _text(headers.get(HEADER_FIRST_DEATH_REASON)),
         _text(death.get("time")), _text(message.timestamp),
     ])
     return uuid.uuid5(_DEAD_LETTER_NS, material), False
@@ -150,7 +153,7 @@ def index_row(message: AbstractIncomingMessage, parked_id: uuid.UUID,
     with contextlib.suppress(ValidationError, UnicodeDecodeError):
         request = SendRequest.model_validate_json(message.body)
     death = _first_death(headers)
-    death_queue = _text(headers.get("x-first-death-queue")) or _text(death.get("queue")) or ""
+    death_queue = _text(headers.get(HEADER_FIRST_DEATH_QUEUE)) or _text(death.get("queue")) or ""
     send_prefix = f"{names.prefix}.send."
     channel = (_text(headers.get(HEADER_CHANNEL))
                or (request.channel if request else None)
@@ -167,7 +170,7 @@ def index_row(message: AbstractIncomingMessage, parked_id: uuid.UUID,
         with contextlib.suppress(TypeError, ValueError):
             parked_at = datetime.fromisoformat(str(_text(headers.get(HEADER_PARKED_AT))))
     else:
-        reason = _text(headers.get("x-first-death-reason")) or _text(death.get("reason"))
+        reason = _text(headers.get(HEADER_FIRST_DEATH_REASON)) or _text(death.get("reason"))
         count = death.get("count")
         error_type, error_code = "other", reason or "dead_lettered"
         last_error = (f"dead-lettered by the broker from {death_queue or 'a queue'}"

@@ -40,7 +40,7 @@ from aio_pika.abc import AbstractRobustConnection
 from pydantic import ValidationError
 
 from consumer import metrics
-from consumer.delivery.pipeline import HEADER_ATTEMPT_BASE, decode_request, lane_of
+from consumer.delivery.pipeline import decode_request, lane_of
 from consumer.parking.lot import (
     DELIVERED,
     DONE_STATES,
@@ -51,12 +51,12 @@ from consumer.parking.lot import (
     rows_for,
 )
 from consumer.parking.passes import Delivery, lot_lock
-from consumer.publisher import HEADER_ATTEMPT, Publisher
+from consumer.publisher import Publisher
+from consumer.wire import HEADER_ATTEMPT, HEADER_ATTEMPT_BASE, HEADER_REPLAY_OF
 from schemas import SendRequest
 
 log = structlog.get_logger("herald.replay")
 
-HEADER_REPLAY_OF = "x-herald-replay-of"
 DRY_RUN_ITEMS = 1000
 
 

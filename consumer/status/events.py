@@ -63,9 +63,6 @@ from pydantic import ValidationError
 
 from consumer import metrics
 from consumer.delivery.backoff import RetryPolicy, retry_delay, should_retry
-from consumer.delivery.pipeline import (
-    HEADER_FIRST_SEEN,
-)
 from consumer.errors import DeliveryError, ErrorType
 from consumer.logs import mask_recipient
 from consumer.parking.park import error_headers, park
@@ -73,10 +70,11 @@ from consumer.providers.classify import Rule, as_int, make_error, mask_recipient
 from consumer.providers.messenger import messenger_rule
 from consumer.providers.twilio import twilio_rule
 from consumer.providers.whatsapp import whatsapp_rule
-from consumer.publisher import HEADER_ATTEMPT, Publisher
+from consumer.publisher import Publisher
 from consumer.settings import Settings
 from consumer.store import Store, is_transient_db_error, resolve_policy
 from consumer.topology import Names
+from consumer.wire import HEADER_ATTEMPT, HEADER_FIRST_SEEN
 from schemas import ProviderEvent, SendRequest
 
 log = structlog.get_logger("herald.events")
