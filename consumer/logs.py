@@ -41,7 +41,18 @@ def mask_recipient(value: str | None) -> str | None:
     return "*" * (len(value) - 4) + value[-4:]
 
 
-_MASKED_KEYS = ("to", "recipient", "recipient_id", "from_")
+# Keys whose string values are recipients (in log events, provider payloads, requests).
+_MASKED_KEYS = frozenset({"to", "recipient", "recipient_id", "from", "from_", "To", "From"})
+
+
+def mask_tree(value: Any) -> Any:
+    """A JSON-like value with every recipient-like field masked, at any depth."""
+    if isinstance(value, dict):
+        return {k: mask_recipient(v) if k in _MASKED_KEYS and isinstance(v, str)
+                else mask_tree(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [mask_tree(v) for v in value]
+    return value
 
 
 def _mask_recipients(

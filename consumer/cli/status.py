@@ -23,10 +23,11 @@ def add_parser(sub: Any, parser_class: type[argparse.ArgumentParser]) -> None:
     status = sub.add_parser("status", help="a message's status and its history")
     status.add_argument("message_id", help="the message's idempotency key")
     status.add_argument("--json", action="store_true", help="print JSON")
+    status.add_argument("--reveal", action="store_true", help="show the recipient unmasked")
     status.set_defaults(handler=_status)
 
 
-def render(status: MessageStatus) -> str:
+def render(status: MessageStatus, *, reveal: bool = False) -> str:
     """The human form: a header, then the history one event a line."""
     m = status.message
     via = m["channel"] + (f" via {m['provider']}" if m["provider"] else "")
@@ -35,7 +36,7 @@ def render(status: MessageStatus) -> str:
     lines = [
         f"message   {m['message_id']}",
         f"status    {m['status']}  ({via})",
-        f"to        {mask_recipient(m['recipient'])}"
+        f"to        {m['recipient'] if reveal else mask_recipient(m['recipient'])}"
         + (f"   campaign {m['campaign_id']}" if m["campaign_id"] else ""),
         f"attempts  {m['attempts']}"
         + (f"   next at {iso(m['next_attempt_at'])}" if m["next_attempt_at"] else ""),
@@ -68,8 +69,8 @@ async def _status(args: argparse.Namespace, settings: Settings) -> int:
         print(f"herald: no message {args.message_id!r}", file=sys.stderr)
         return 1
     if args.json:
-        print(json.dumps(status.to_json(), indent=2))
+        print(json.dumps(status.to_json(reveal=args.reveal), indent=2))
     else:
-        print(render(status))
+        print(render(status, reveal=args.reveal))
     return 0
 

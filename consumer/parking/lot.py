@@ -24,7 +24,7 @@ import aio_pika
 import asyncpg
 import structlog
 
-from consumer.logs import mask_recipient
+from consumer.logs import mask_recipient, mask_tree
 from consumer.parking.passes import (
     Conn,
     Delivery,
@@ -35,6 +35,7 @@ from consumer.parking.passes import (
     lot_lock,
     ready_count,
 )
+from consumer.records.history import load_history
 from consumer.topology import Names
 
 log = structlog.get_logger("herald.parked")
@@ -43,7 +44,6 @@ log = structlog.get_logger("herald.parked")
 DONE_STATES = ("replayed", "rejected", "purged", "resolved")
 # Message statuses a replay must never send again.
 DELIVERED = ("sent", "delivered", "read")
-_MASKED_KEYS = frozenset({"to", "recipient", "recipient_id", "from", "from_", "To", "From"})
 
 
 class LotError(Exception):
@@ -133,16 +133,6 @@ class Selection:
         if self.all:
             shown["all"] = True
         return shown
-
-
-def mask_tree(value: Any) -> Any:
-    """A JSON value with every recipient-like field masked."""
-    if isinstance(value, dict):
-        return {k: mask_recipient(v) if k in _MASKED_KEYS and isinstance(v, str)
-                else mask_tree(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [mask_tree(v) for v in value]
-    return value
 
 
 @dataclass(frozen=True)
@@ -276,30 +266,6 @@ async def resolve_ids(pool: asyncpg.Pool, texts: Sequence[str]) -> tuple[uuid.UU
     return tuple(found)
 
 
-async def _provider_events(conn: Conn, message_id: str,
-                           provider_message_id: str | None) -> list[dict[str, Any]]:
-    """The message's provider events, when the provider_events table exists
-    (added by its own migration); its columns are read, not assumed."""
-    if await conn.fetchval("SELECT to_regclass('provider_events')") is None:
-        return []
-    columns = {r["attname"] for r in await conn.fetch(
-        "SELECT attname FROM pg_attribute WHERE attrelid = to_regclass('provider_events')"
-        " AND attnum > 0 AND NOT attisdropped")}
-    order = next((c for c in ("received_at", "occurred_at", "created_at", "at", "id")
-                  if c in columns), None)
-    order_by = f" ORDER BY {order}" if order else ""
-    if "message_id" in columns:
-        rows = await conn.fetch(
-            f"SELECT * FROM provider_events WHERE message_id = $1{order_by}", message_id)
-    elif "provider_message_id" in columns and provider_message_id:
-        rows = await conn.fetch(
-            f"SELECT * FROM provider_events WHERE provider_message_id = $1{order_by}",
-            provider_message_id)
-    else:
-        return []
-    return [jsonable(dict(r)) for r in rows]
-
-
 def _body_view(body: bytes) -> Any:
     try:
         return json.loads(body)
@@ -310,16 +276,17 @@ def _body_view(body: bytes) -> Any:
 async def show(pool: asyncpg.Pool, parked_id: uuid.UUID, *, reveal: bool = False
                ) -> dict[str, Any]:
     """Everything about one parked copy: its body and headers, its message's
-    status, every attempt, every provider event, every copy of it parked and
-    every operator action (edits included), plus one merged history."""
+    status, every copy of it parked, and its history (see
+    :mod:`consumer.records.history`): attempts, provider events, parkings and
+    operator actions (edits included)."""
     async with pool.acquire() as conn:
         row = await conn.fetchrow("SELECT * FROM parked_messages WHERE parked_id = $1",
                                   parked_id)
         if row is None:
             raise NotFound(f"no parked message with id {parked_id}")
         message_id = row["message_id"]
-        message = attempts = copies = None
-        events: list[dict[str, Any]] = []
+        message = None
+        copies = [row]
         if message_id is not None:
             message = await conn.fetchrow(
                 """SELECT message_id, status, channel, recipient, campaign_id, attempts,
@@ -327,46 +294,21 @@ async def show(pool: asyncpg.Pool, parked_id: uuid.UUID, *, reveal: bool = False
                           last_error, created_at, updated_at, sent_at, delivered_at, read_at,
                           failed_at, cancelled_at, expired_at
                      FROM messages WHERE message_id = $1""", message_id)
-            attempts = await conn.fetch(
-                """SELECT attempt, started_at, finished_at, outcome, error_type, error_code,
-                          error_text, latency_ms, provider_message_id
-                     FROM delivery_attempts WHERE message_id = $1 ORDER BY attempt, id""",
-                message_id)
             copies = await conn.fetch(
                 f"SELECT {_COLUMNS}, p.resolved_at, p.resolution FROM parked_messages p"
                 " WHERE p.message_id = $1 ORDER BY p.parked_at", message_id)
-            events = await _provider_events(
-                conn, message_id, message["provider_message_id"] if message else None)
-        actions = await conn.fetch(
-            """SELECT at, message_id, parked_id, action, actor, detail FROM message_actions
-                WHERE parked_id = $1 OR ($2::text IS NOT NULL AND message_id = $2)
-                ORDER BY at, id""", parked_id, message_id)
+        history = await load_history(conn, message_id=message_id, parked_id=parked_id)
 
     def masked(value: Any) -> Any:
         return jsonable(value) if reveal else mask_tree(jsonable(value))
+
+    def of_kind(*kinds: str) -> list[dict[str, Any]]:
+        return [e.to_json(reveal=reveal) for e in history if e.kind in kinds]
 
     parked = ParkedRow.from_record(row).to_json(reveal=reveal) | {
         "resolved_at": row["resolved_at"].isoformat() if row["resolved_at"] else None,
         "resolution": row["resolution"], "replay_attempt": row["replay_attempt"],
     }
-    history: list[dict[str, Any]] = []
-    for a in attempts or []:
-        history.append({"at": a["started_at"].isoformat(), "kind": "attempt",
-                        "attempt": a["attempt"], "outcome": a["outcome"],
-                        "error_type": a["error_type"], "error_code": a["error_code"],
-                        "error": a["error_text"]})
-    for c in copies or [row]:
-        history.append({"at": c["parked_at"].isoformat(), "kind": "parked",
-                        "id": str(c["parked_id"]), "error_type": c["error_type"],
-                        "attempts": c["attempts"], "state": c["state"]})
-    for e in events:
-        at = next((e[k] for k in ("received_at", "occurred_at", "created_at", "at") if k in e),
-                  None)
-        history.append({"at": at, "kind": "provider_event", **masked(e)})
-    for act in actions:
-        history.append({"at": act["at"].isoformat(), "kind": act["action"],
-                        "actor": act["actor"], **masked(act["detail"])})
-    history.sort(key=lambda h: str(h.get("at") or ""))
     return {
         "parked": parked,
         "body": masked(_body_view(bytes(row["body"]))),
@@ -374,11 +316,12 @@ async def show(pool: asyncpg.Pool, parked_id: uuid.UUID, *, reveal: bool = False
         if row["replay_body"] is not None else None,
         "headers": row["headers"],
         "message": masked(dict(message)) if message else None,
-        "attempts": [jsonable(dict(a)) for a in attempts or []],
-        "provider_events": [masked(e) for e in events],
-        "copies": [ParkedRow.from_record(c).to_json(reveal=reveal) for c in copies or []],
-        "actions": [masked(dict(a)) for a in actions],
-        "history": history,
+        "attempts": of_kind("attempt"),
+        "provider_events": of_kind("event"),
+        "copies": [ParkedRow.from_record(c).to_json(reveal=reveal) for c in copies],
+        "actions": [e.to_json(reveal=reveal) for e in history
+                    if e.kind not in ("attempt", "event", "parked")],
+        "history": [e.to_json(reveal=reveal) for e in history],
     }
 
 

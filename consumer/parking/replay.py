@@ -41,13 +41,13 @@ from pydantic import ValidationError
 
 from consumer import metrics
 from consumer.delivery.pipeline import decode_request, lane_of
+from consumer.logs import mask_tree
 from consumer.parking.lot import (
     DELIVERED,
     DONE_STATES,
     Lot,
     LotError,
     Selection,
-    mask_tree,
     rows_for,
 )
 from consumer.parking.passes import Delivery, lot_lock

@@ -1,29 +1,50 @@
-"""A message's history: its row and, in time order, every attempt
-(``delivery_attempts``), every provider event about it (``provider_events``,
-including the Messenger watermarks that covered it) and every parked copy.
-``herald status`` and ``herald parked show`` both read it from here.
+"""A message's history, read in one place for ``herald status``, ``herald parked
+show``, the admin API and the console.
+
+The history of a message is, in time order: every attempt
+(``delivery_attempts``, at the time its outcome was recorded), every provider
+event about it (``provider_events``, including the Messenger watermarks that
+covered it), every parked copy (``parked_messages``) and every operator action
+(``message_actions``: indexed, edited, replayed, resolved, rejected, purged).
+A parked copy without a message id (an undecodable request) has a history
+too: its own copy and the actions on it.
 """
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
 
+from consumer.logs import mask_recipient, mask_tree
+
 STATUS_TIMES = ("queued", "sending", "sent", "delivered", "read", "retrying", "failed",
                 "expired", "cancelled")
+
+Conn = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
 
 
 @dataclass(frozen=True)
 class Entry:
-    """One line of a message's history."""
+    """One line of a message's history.
+
+    ``kind`` is ``attempt``, ``event``, ``parked``, or the operator action
+    (``indexed``, ``edited``, ``replayed``, ``resolved``, ``rejected``,
+    ``purged``); ``what`` is the line a person reads; ``detail`` the fields.
+    """
 
     at: datetime
-    kind: str  # attempt | event | parked
+    kind: str
     what: str
     detail: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self, *, reveal: bool = True) -> dict[str, Any]:
+        detail = {k: jsonable(v) for k, v in self.detail.items()}
+        return {"at": iso(self.at), "kind": self.kind, "what": self.what,
+                **(detail if reveal else mask_tree(detail))}
 
 
 @dataclass(frozen=True)
@@ -31,16 +52,15 @@ class MessageStatus:
     message: dict[str, Any]
     history: list[Entry]
 
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "message": {k: _jsonable(v) for k, v in self.message.items()},
-            "history": [{"at": iso(e.at), "kind": e.kind, "what": e.what,
-                         **{k: _jsonable(v) for k, v in e.detail.items()}}
-                        for e in self.history],
-        }
+    def to_json(self, *, reveal: bool = False) -> dict[str, Any]:
+        message = {k: jsonable(v) for k, v in self.message.items()}
+        if not reveal:
+            message["recipient"] = mask_recipient(message.get("recipient"))
+        return {"message": message,
+                "history": [e.to_json(reveal=reveal) for e in self.history]}
 
 
-async def load_status(conn: asyncpg.Connection, message_id: str) -> MessageStatus | None:
+async def load_status(conn: Conn, message_id: str) -> MessageStatus | None:
     """The message and its history, or None when Herald does not know it."""
     row = await conn.fetchrow(
         f"""SELECT message_id, status, channel, recipient, campaign_id, attempts, provider,
@@ -51,8 +71,25 @@ async def load_status(conn: asyncpg.Connection, message_id: str) -> MessageStatu
     )
     if row is None:
         return None
-    message = dict(row)
+    return MessageStatus(dict(row), await load_history(conn, message_id=message_id))
+
+
+async def load_history(conn: Conn, *, message_id: str | None,
+                       parked_id: uuid.UUID | None = None) -> list[Entry]:
+    """The history of ``message_id``; with ``parked_id``, also what happened to that
+    parked copy (the whole history when the copy has no message id)."""
     history: list[Entry] = []
+    if message_id is not None:
+        history += await _attempts(conn, message_id)
+        history += await _events(conn, message_id)
+    history += await _parked(conn, message_id, parked_id)
+    history += await _actions(conn, message_id, parked_id)
+    history.sort(key=lambda entry: entry.at)
+    return history
+
+
+async def _attempts(conn: Conn, message_id: str) -> list[Entry]:
+    entries = []
     for a in await conn.fetch(
             """SELECT attempt, started_at, finished_at, outcome, error_type, error_code,
                       error_text, latency_ms, provider_message_id
@@ -64,11 +101,17 @@ async def load_status(conn: asyncpg.Connection, message_id: str) -> MessageStatu
             what += f" as {a['provider_message_id']}"
         if a["latency_ms"] is not None:
             what += f" ({a['latency_ms']:.0f} ms)"
-        history.append(Entry(a["finished_at"], "attempt", what, {
+        entries.append(Entry(a["finished_at"], "attempt", what, {
             "attempt": a["attempt"], "outcome": a["outcome"], "started_at": a["started_at"],
             "error_type": a["error_type"], "error_code": a["error_code"],
-            "error_text": a["error_text"], "provider_message_id": a["provider_message_id"]}))
-    # Events tied to it, and the Messenger watermarks that covered it.
+            "error_text": a["error_text"], "latency_ms": a["latency_ms"],
+            "provider_message_id": a["provider_message_id"]}))
+    return entries
+
+
+async def _events(conn: Conn, message_id: str) -> list[Entry]:
+    """Events tied to the message, and the Messenger watermarks that covered it."""
+    entries = []
     for e in await conn.fetch(
             """SELECT provider, provider_message_id, status, occurred_at, stored_at, error_code,
                       error_text, watermark, outcome
@@ -87,32 +130,57 @@ async def load_status(conn: asyncpg.Connection, message_id: str) -> MessageStatu
         if e["provider_message_id"] is None and e["watermark"] is not None:
             what += f" (watermark {iso(e['watermark'])})"
         what += f" → {e['outcome'] or 'pending'}"
-        history.append(Entry(e["occurred_at"], "event", what, {
+        entries.append(Entry(e["occurred_at"], "event", what, {
             "provider": e["provider"], "status": e["status"],
             "provider_message_id": e["provider_message_id"], "outcome": e["outcome"],
             "error_code": e["error_code"], "error_text": e["error_text"],
             "received_at": e["stored_at"]}))
+    return entries
+
+
+async def _parked(conn: Conn, message_id: str | None,
+                  parked_id: uuid.UUID | None) -> list[Entry]:
+    entries = []
     for p in await conn.fetch(
             """SELECT parked_id, parked_at, error_type, error_code, attempts, state, resolution
-                 FROM parked_messages WHERE message_id = $1""", message_id):
+                 FROM parked_messages WHERE message_id = $1 OR parked_id = $2""",
+            message_id, parked_id):
         what = f"parked after attempt {p['attempts']}: {p['error_type']}"
         if p["error_code"]:
             what += f" {p['error_code']}"
         what += f" ({p['state']})"
-        history.append(Entry(p["parked_at"], "parked", what, {
-            "parked_id": p["parked_id"], "state": p["state"], "resolution": p["resolution"]}))
-    history.sort(key=lambda entry: entry.at)
-    return MessageStatus(message, history)
+        entries.append(Entry(p["parked_at"], "parked", what, {
+            "parked_id": p["parked_id"], "error_type": p["error_type"],
+            "error_code": p["error_code"], "attempts": p["attempts"], "state": p["state"],
+            "resolution": p["resolution"]}))
+    return entries
 
+
+async def _actions(conn: Conn, message_id: str | None,
+                   parked_id: uuid.UUID | None) -> list[Entry]:
+    entries = []
+    for a in await conn.fetch(
+            """SELECT at, parked_id, action, actor, detail FROM message_actions
+                WHERE message_id = $1 OR parked_id = $2 ORDER BY at, id""",
+            message_id, parked_id):
+        detail = a["detail"] if isinstance(a["detail"], dict) else {}
+        entries.append(Entry(a["at"], a["action"], f"{a['action']} by {a['actor']}",
+                             {"actor": a["actor"], "parked_id": a["parked_id"], **detail}))
+    return entries
 
 
 def iso(value: datetime) -> str:
     return value.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
+    """Database values (times, ids, nested JSON) as JSON values."""
     if isinstance(value, datetime):
         return iso(value)
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [jsonable(v) for v in value]
     if isinstance(value, str | int | float | bool) or value is None:
         return value
     return str(value)

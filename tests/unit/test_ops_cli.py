@@ -15,7 +15,8 @@ import pytest
 from consumer.admin.api import authenticate, parse_tokens
 from consumer.cli.common import duration, moment, progress_bar
 from consumer.errors import ConfigError
-from consumer.parking.lot import LotError, Selection, mask_tree
+from consumer.logs import mask_tree
+from consumer.parking.lot import LotError, Selection
 from consumer.parking.passes import copy_id, index_row
 from consumer.parking.replay import Edit, ReplayReport, edited_body
 from consumer.records.campaigns import CampaignDefaults, message_id_for, requests_from_csv
