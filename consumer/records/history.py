@@ -2,7 +2,7 @@
 show``, the admin API and the console.
 
 The history of a message is, in time order: every attempt
-(``delivery_attempts``, at the time its outcome was recorded), every provider
+(``delivery_attempts``, at the time it began), every provider
 event about it (``provider_events``, including the Messenger watermarks that
 covered it), every parked copy (``parked_messages``) and every operator action
 (``message_actions``: indexed, edited, replayed, resolved, rejected, purged).
@@ -101,8 +101,9 @@ async def _attempts(conn: Conn, message_id: str) -> list[Entry]:
             what += f" as {a['provider_message_id']}"
         if a["latency_ms"] is not None:
             what += f" ({a['latency_ms']:.0f} ms)"
-        entries.append(Entry(a["finished_at"], "attempt", what, {
-            "attempt": a["attempt"], "outcome": a["outcome"], "started_at": a["started_at"],
+        # At its start: the outcome (and a parking) is recorded after the attempt began.
+        entries.append(Entry(a["started_at"], "attempt", what, {
+            "attempt": a["attempt"], "outcome": a["outcome"], "finished_at": a["finished_at"],
             "error_type": a["error_type"], "error_code": a["error_code"],
             "error_text": a["error_text"], "latency_ms": a["latency_ms"],
             "provider_message_id": a["provider_message_id"]}))
