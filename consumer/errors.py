@@ -35,6 +35,9 @@ class DeliveryError(Exception):
     adapter may override it per code (e.g. a permanent ``provider_error``).
     ``provider_wide`` marks errors that say nothing about this message but
     about the whole channel (an expired token): they must not burn attempts.
+    ``about_recipient`` marks a transient failure the provider pins on the
+    recipient (Twilio 30003, handset unreachable): retried, but no sign of an
+    outage.
     """
 
     def __init__(
@@ -46,6 +49,7 @@ class DeliveryError(Exception):
         retry_after: float | None = None,
         retryable: bool | None = None,
         provider_wide: bool = False,
+        about_recipient: bool = False,
     ) -> None:
         super().__init__(message)
         self.error_type = error_type
@@ -54,6 +58,15 @@ class DeliveryError(Exception):
         self.retry_after = retry_after
         self.retryable = error_type in RETRYABLE_BY_DEFAULT if retryable is None else retryable
         self.provider_wide = provider_wide
+        self.about_recipient = about_recipient
+
+    @property
+    def outage_signal(self) -> bool:
+        """Whether this failure may mean the provider is down for everyone (it feeds
+        outage detection): a network error or the provider's own fault, not a rate
+        limit, not a fault the provider pins on the recipient, not already provider-wide."""
+        return (self.error_type in (ErrorType.NETWORK, ErrorType.PROVIDER_ERROR)
+                and not self.about_recipient and not self.provider_wide)
 
     def __repr__(self) -> str:
         parts = [f"{self.error_type.value}", repr(self.message)]
@@ -64,6 +77,8 @@ class DeliveryError(Exception):
         parts.append("retryable" if self.retryable else "permanent")
         if self.provider_wide:
             parts.append("provider_wide")
+        if self.about_recipient:
+            parts.append("about_recipient")
         return f"DeliveryError({', '.join(parts)})"
 
 

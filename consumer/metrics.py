@@ -73,6 +73,19 @@ DB_BATCH_SECONDS = Histogram(
 )
 
 # -- channel state, retries, latency (pipeline and worker) --------------------------
+DOMAIN_OPEN = Gauge(
+    "herald_domain_open",
+    "1 while a failure domain (an http destination, a provider account) is open or"
+    " probing: its messages are deferred without being charged; the series goes away"
+    " when it closes",
+    ["channel", "domain", "reason"],
+)
+DOMAIN_TRIPS = Counter(
+    "herald_domain_trips_total",
+    "Failure domains opened, by why (failure_rate, consecutive_failures, probe_failed,"
+    " or the provider-wide error)",
+    ["channel", "reason"],
+)
 CHANNEL_PAUSED = Gauge(
     "herald_channel_paused",
     "1 while a channel's consumer is paused (provider-wide error, open breaker)",

@@ -33,11 +33,10 @@ import structlog
 from aio_pika.abc import AbstractRobustConnection
 from aiohttp import web
 
+from consumer import metrics
 from consumer.admin.api import add_admin_routes
 from consumer.delivery.channels import ChannelControl
-from consumer.delivery.pause import PauseState
 from consumer.delivery.pipeline import LEASE_MARGIN_S, Pipeline
-from consumer.delivery.rate import Breaker
 from consumer.delivery.registry import ChannelRegistry
 from consumer.gauges import Observer
 from consumer.http_server import create_app, start_site
@@ -125,7 +124,9 @@ class Service:
         self.publisher: Publisher | None = None
         self.store: Store | None = None
         self.pipeline: Pipeline | None = None
-        self.channels = ChannelRegistry(pause_base_s=settings.pause_base_s)
+        self.channels = ChannelRegistry(
+            thresholds=settings.outage_thresholds(),
+            rates={c: settings.rate_for(c) for c in CHANNELS})
         self.providers: dict[str, Provider] = {}
         self.runner: web.AppRunner | None = None
         self.grace_s = settings.send_timeout_s + LEASE_MARGIN_S
@@ -147,6 +148,7 @@ class Service:
         self.session = aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(
             total=None, connect=min(10.0, s.send_timeout_s)))
         self.providers, self.channels.inactive = build_providers(s, self.session)
+        self.channels.providers = self.providers
         self.pipeline = Pipeline(
             s, self.store, self.publisher, self.providers,
             instance_id=self.instance_id, stopping=self.stopping, hooks=self.channels,
@@ -157,14 +159,11 @@ class Service:
         if "senders" not in self.roles:
             active = []
         for channel in active:
-            consumer = ChannelControl(
-                self.connection, self.names, channel, self.pipeline, s.prefetch,
-                pause=PauseState(base_cooldown_s=s.pause_base_s, max_cooldown_s=s.pause_max_s),
-                rate=s.rate_for(channel),
-                breaker=Breaker(threshold=s.breaker_threshold),
-            )
+            consumer = ChannelControl(self.connection, self.names, channel, self.pipeline,
+                                      s.prefetch)
             await consumer.start()
             self.channels.add(consumer)
+            metrics.CHANNEL_RATE.labels(channel).set(s.rate_for(channel) or 0)
         self.components = self._components(self.connection, self.pool, self.store)
         for component in self.components:
             await component.start()
@@ -210,6 +209,7 @@ class Service:
             "stopping": self.stopping.is_set(),
             "channels": {name: state.to_json()
                          for name, state in self.channels.snapshot().items()},
+            "open_domains": self.channels.open_domains(),
             "in_flight": self.channels.in_flight,
         }
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
+from consumer.delivery.outage import Thresholds
 from consumer.errors import ConfigError
 
 T = TypeVar("T")
@@ -113,7 +114,8 @@ class Settings:
     sms_rate: float = _env("HERALD_SMS_RATE", _float(0, 100000), 0.0)
     whatsapp_rate: float = _env("HERALD_WHATSAPP_RATE", _float(0, 100000), 0.0)
     messenger_rate: float = _env("HERALD_MESSENGER_RATE", _float(0, 100000), 0.0)
-    breaker_threshold: int = _env("HERALD_BREAKER_THRESHOLD", _int(2, 10000), 10)
+    outage_consecutive: int = _env("HERALD_OUTAGE_CONSECUTIVE", _int(3, 10000), 17)
+    outage_window: int = _env("HERALD_OUTAGE_WINDOW", _int(10, 100000), 60)
     pause_max_s: float = _env("HERALD_PAUSE_MAX_S", _float(0.1, 86400), 300.0)
     log_level: str = _env(
         "HERALD_LOG_LEVEL", _choice("debug", "info", "warning", "error"), "info"
@@ -160,6 +162,13 @@ class Settings:
                 "HERALD_BASE_DELAY_S: must not exceed HERALD_MAX_DELAY_S "
                 f"({self.base_delay_s:g} > {self.max_delay_s:g})"
             )
+
+    def outage_thresholds(self) -> Thresholds:
+        """When a failure domain opens and how long it stays open (consumer.delivery.outage)."""
+        return Thresholds(window_size=self.outage_window, consecutive=self.outage_consecutive,
+                          base_cooldown_s=self.pause_base_s,
+                          max_cooldown_s=max(self.pause_max_s, self.pause_base_s),
+                          probe_timeout_s=self.send_timeout_s + 5.0)
 
     def rate_for(self, channel: str) -> float | None:
         """The channel's send rate limit (messages/s per process), None when unlimited."""

@@ -3,8 +3,8 @@
 Each channel has two lanes (see :mod:`consumer.topology`): ``main`` for
 transactional messages and ``bulk`` for campaigns, each consumed by a
 :class:`LaneConsumer` with its own prefetch, so neither waits behind the
-other. A :class:`ChannelControl` holds what the lanes share: the pause state
-(expired token, open breaker), the rate limiter and the breaker.
+other. A :class:`ChannelControl` holds what the lanes share: whether the
+channel is paused (see :mod:`consumer.delivery.registry`).
 
 Each delivery runs in a task of its own, kept in a set (never
 fire-and-forget); the broker's prefetch bounds how many exist at once.
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from typing import Any
 
 import structlog
@@ -29,9 +28,7 @@ from aio_pika.abc import (
 )
 
 from consumer import metrics
-from consumer.delivery.pause import Mode, PauseState
 from consumer.delivery.pipeline import Pipeline
-from consumer.delivery.rate import Breaker, RateLimiter
 from consumer.topology import LANES, Names
 
 log = structlog.get_logger("herald.worker")
@@ -137,7 +134,16 @@ class LaneConsumer:
 
 
 class ChannelControl:
-    """A channel's lanes and what they share: pause, rate limiter, breaker."""
+    r"""A channel's lanes, consumed together.
+
+    When the channel has a single failure domain (Twilio's account,
+    WhatsApp's phone number, Messenger's page) and that domain opens, the
+    registry :meth:`pause`\ s the channel: it stops taking work (its messages
+    wait in their queues) and, after the cool-down, takes one message at a
+    time per lane (prefetch 1) while the domain probes; :meth:`resume`
+    restores the prefetch once it closes. The ``http`` channel has a domain per
+    destination and is never paused as a whole.
+    """
 
     def __init__(
         self,
@@ -146,10 +152,6 @@ class ChannelControl:
         channel_name: str,
         pipeline: Pipeline,
         prefetch: int,
-        *,
-        pause: PauseState | None = None,
-        rate: float | None = None,
-        breaker: Breaker | None = None,
     ) -> None:
         self.channel_name = channel_name
         self.prefetch = prefetch
@@ -158,15 +160,12 @@ class ChannelControl:
         self.lanes = [LaneConsumer(connection, names, channel_name, lane, pipeline,
                                    prefetch if lane == "main" else max(1, prefetch // 2))
                       for lane in LANES]
-        self.pause = pause or PauseState()
-        self.limiter = RateLimiter(rate)
-        self.breaker = breaker or Breaker()
+        self.mode = "running"  # running | paused | probing
+        self.reason: str | None = None
         self._resume_task: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()
         self._stopped = False
         self._control = asyncio.Lock()
-        self._rate_gauge = metrics.CHANNEL_RATE.labels(channel_name)
-        self._rate_gauge.set(rate or 0)
 
     @property
     def tasks(self) -> set[asyncio.Task[Any]]:
@@ -175,70 +174,67 @@ class ChannelControl:
     @property
     def active(self) -> bool:
         """Consuming, or deliberately paused (a paused channel is healthy)."""
-        return all(lane.consuming for lane in self.lanes) or self.pause.mode is Mode.PAUSED
+        return all(lane.consuming for lane in self.lanes) or self.mode == "paused"
 
     async def start(self) -> None:
         for lane in self.lanes:
             await lane.start()
         metrics.CONSUMERS_ACTIVE.labels(self.channel_name).set(1)
-        log.info("consumer.started", channel=self.channel_name, prefetch=self.prefetch,
-                 rate=self.limiter.rate)
+        log.info("consumer.started", channel=self.channel_name, prefetch=self.prefetch)
 
-    # -- pausing (see consumer.delivery.pause) ------------------------------------------------
+    # -- pausing ----------------------------------------------------------------------
 
-    def trip(self, reason: str) -> None:
-        """The provider failed for everyone: stop taking work, probe after a cool-down."""
-        if self._stopped or not self.pause.trip(reason, time.monotonic()):
+    def pause(self, reason: str, wait_s: float) -> None:
+        """Stop taking work; after ``wait_s``, take one message at a time (the probe)."""
+        if self._stopped:
             return
+        self.mode = "paused"
+        self.reason = reason
         metrics.CHANNEL_PAUSED.labels(self.channel_name, reason).set(1)
-        log.warning("channel.paused", channel=self.channel_name, reason=reason,
-                    probe_in_s=round(self.pause.cooldown_s, 1), pauses=self.pause.pauses)
         previous = self._resume_task
-        self._resume_task = asyncio.create_task(self._pause_then_probe(reason, previous))
+        self._resume_task = asyncio.create_task(self._pause_then_probe(reason, wait_s, previous))
 
-    async def _pause_then_probe(self, reason: str, previous: asyncio.Task[None] | None) -> None:
+    async def _pause_then_probe(self, reason: str, wait_s: float,
+                                previous: asyncio.Task[None] | None) -> None:
         if previous is not None and not previous.done():
             previous.cancel()
         async with self._control:
             for lane in self.lanes:
                 await lane.stop_consuming()
             metrics.CONSUMERS_ACTIVE.labels(self.channel_name).set(0)
-        await asyncio.sleep(self.pause.remaining(time.monotonic()))
+        await asyncio.sleep(wait_s)
         async with self._control:
-            if self._stopped:
+            if self._stopped or self.mode != "paused":
                 return
-            # One message at a time (per lane) until one gets through.
-            self.pause.start_probe()
+            self.mode = "probing"
             metrics.CHANNEL_PAUSED.labels(self.channel_name, reason).set(0)
             for lane in self.lanes:
                 await lane.consume(prefetch=1)
             metrics.CONSUMERS_ACTIVE.labels(self.channel_name).set(1)
             log.info("channel.probing", channel=self.channel_name, reason=reason)
 
-    def sent_ok(self) -> None:
-        """A send succeeded: feeds the adaptive rate, closes the breaker, ends a probe."""
-        self.breaker.success()
-        self.limiter.on_sent()
-        self._rate_gauge.set(self.limiter.rate or 0)
-        if self.pause.mode is Mode.RUNNING or not self.pause.succeeded():
+    def resume(self) -> None:
+        """The domain closed: take work at full speed again."""
+        if self.mode == "running":
             return
+        if self.reason is not None:
+            metrics.CHANNEL_PAUSED.labels(self.channel_name, self.reason).set(0)
+        self.mode = "running"
+        self.reason = None
+        if self._resume_task is not None:
+            self._resume_task.cancel()
         log.info("channel.resumed", channel=self.channel_name)
-        task = asyncio.create_task(self._restore_prefetch())
+        task = asyncio.create_task(self._restore())
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    def rate_limited(self) -> None:
-        self.limiter.on_rate_limited()
-        self._rate_gauge.set(self.limiter.rate or 0)
-        log.info("channel.slowed_down", channel=self.channel_name, rate=self.limiter.rate)
-
-    def transient_failure(self, recipient: str) -> bool:
-        return self.breaker.failure(recipient)
-
-    async def _restore_prefetch(self) -> None:
+    async def _restore(self) -> None:
         async with self._control:
+            if self._stopped:
+                return
             for lane in self.lanes:
-                await lane.set_prefetch(lane.prefetch)
+                await lane.consume(prefetch=lane.prefetch)
+            metrics.CONSUMERS_ACTIVE.labels(self.channel_name).set(1)
 
     async def stop_consuming(self) -> None:
         self._stopped = True
@@ -253,6 +249,5 @@ class ChannelControl:
         return sum(results)
 
     async def close(self) -> None:
-        await self.limiter.close()
         for lane in self.lanes:
             await lane.close()

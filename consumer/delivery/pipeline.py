@@ -30,11 +30,20 @@ from pydantic import ValidationError
 
 from consumer import metrics
 from consumer.delivery import quota
-from consumer.delivery.backoff import RetryPolicy, retry_delay, should_retry
-from consumer.delivery.rate import TRANSIENT
+from consumer.delivery.backoff import RetryPolicy
+from consumer.delivery.decision import (
+    Park,
+    Pause,
+    Retry,
+    copy_headers,
+    decide,
+    defer_seconds,
+    deferred_headers,
+)
+from consumer.delivery.outage import outage_key
 from consumer.delivery.recipients import validate_recipient
 from consumer.errors import DeliveryError, ErrorType
-from consumer.parking.park import error_headers, park
+from consumer.parking.park import park
 from consumer.providers.base import Provider
 from consumer.publisher import Publisher
 from consumer.settings import Settings
@@ -67,26 +76,29 @@ LEASE_MARGIN_S = 5.0
 
 
 class ChannelHooks(Protocol):
-    """What the pipeline tells the channel consumers (see consumer.delivery.pause)."""
+    """What the pipeline asks of the channels and failure domains (see
+    :class:`consumer.delivery.registry.ChannelRegistry`)."""
 
-    def provider_wide(self, channel: str, error: DeliveryError) -> float:
-        """The provider failed for everyone: pause; returns seconds until the next probe."""
+    def domain_of(self, channel: str, request: SendRequest | None) -> str:
+        """The message's failure domain."""
         ...
 
-    def sent(self, channel: str) -> None:
-        """A send succeeded (ends a probe, feeds the adaptive rate)."""
+    def admit(self, channel: str, domain: str, *, first: bool) -> float | None:
+        """None to send now; seconds to defer by when the domain is open or probing."""
         ...
 
-    async def acquire(self, channel: str, lane: str) -> None:
-        """Wait for the channel's rate limiter to allow one more send."""
+    async def acquire(self, channel: str, domain: str, lane: str) -> None:
+        """Wait for the domain's rate limiter to allow one more send."""
         ...
 
-    def rate_limited(self, channel: str) -> None:
-        """The provider answered rate_limit: slow the channel down."""
+    def succeeded(self, channel: str, domain: str, *, first: bool, key: str) -> None:
+        """A send went through (closes a probing domain, feeds the adaptive rate)."""
         ...
 
-    def transient_failure(self, channel: str, recipient: str) -> bool:
-        """A provider_error/network failure; True when the channel's breaker is open."""
+    def failed(self, channel: str, domain: str, error: DeliveryError, *, first: bool,
+               key: str) -> float | None:
+        """A send failed; seconds to pause the message (uncharged) when its domain is
+        open, else None."""
         ...
 
 
@@ -102,6 +114,18 @@ class Outcome:
     message_id: str | None = None
     attempt: int = 1
     error_type: str | None = None
+
+
+@dataclass(frozen=True)
+class AttemptMade:
+    """One attempt that was made, for recording its outcome."""
+
+    attempt: int
+    base: int  # attempts before the last fresh budget
+    started: datetime
+    latency_ms: float
+    provider: str
+    lane: str
 
 
 class Pipeline:
@@ -200,22 +224,30 @@ class Pipeline:
             return await self._divert(message, request, headers, attempt, lane)
 
         policy = self._resolve(request, campaign)
-        used = attempt - _int_header(headers.get(HEADER_ATTEMPT_BASE), 0, minimum=0)
+        base = _int_header(headers.get(HEADER_ATTEMPT_BASE), 0, minimum=0)
+        # A first attempt counts from the last fresh budget (only those feed outage
+        # detection and take a campaign's first-attempt quota).
+        first = attempt - base <= 1
         if campaign is not None:
             window = quota.zone(campaign.timezone)
             quiet_end = quota.quiet_until(now, window, campaign.quiet_start, campaign.quiet_end)
             if quiet_end is not None:
                 return await self._defer(message, request, headers, attempt, quiet_end,
                                          "quiet_hours", lane)
-            if campaign.daily_limit is not None and not await self._take_quota(
-                    campaign, request.message_id, window, now, first=used <= 1):
-                tomorrow = quota.next_day_start(now, window)
-                return await self._defer(message, request, headers, attempt, tomorrow,
-                                         "daily_limit", lane)
+        domain = self.hooks.domain_of(channel, request) if self.hooks else channel
         if self.hooks is not None:
-            await self.hooks.acquire(channel, lane)
-        claim = await self._claim(request, message.body, attempt, attempt - used,
-                                  urgent=lane == "main")
+            wait = self.hooks.admit(channel, domain, first=first)
+            if wait is not None:
+                return await self._defer(message, request, headers, attempt,
+                                         now + timedelta(seconds=wait), "domain_open", lane)
+        if campaign is not None and campaign.daily_limit is not None and not await self._take_quota(
+                campaign, request.message_id, quota.zone(campaign.timezone), now, first=first):
+            tomorrow = quota.next_day_start(now, quota.zone(campaign.timezone))
+            return await self._defer(message, request, headers, attempt, tomorrow,
+                                     "daily_limit", lane)
+        if self.hooks is not None:
+            await self.hooks.acquire(channel, domain, lane)
+        claim = await self._claim(request, message.body, attempt, base, urgent=lane == "main")
         if claim is None:
             metrics.DUPLICATES.labels(channel).inc()
             return Outcome("duplicate", request.message_id, attempt)
@@ -250,15 +282,17 @@ class Pipeline:
                                       retryable=False)
             metrics.PROVIDER_LATENCY.labels(channel, provider.name).observe(
                 time.perf_counter() - t0)
-        latency_ms = (time.perf_counter() - t0) * 1000.0
+        attempt_made = AttemptMade(attempt, base, started, (time.perf_counter() - t0) * 1000.0,
+                                   provider.name, lane)
 
         if error is None:
             await self._infra(
                 "database",
                 lambda: self.store.record(
                     message_id=request.message_id, attempt=attempt, outcome="sent",
-                    started_at=started, latency_ms=latency_ms, provider=provider.name,
-                    provider_message_id=provider_message_id, urgent=lane == "main",
+                    started_at=started, latency_ms=attempt_made.latency_ms,
+                    provider=provider.name, provider_message_id=provider_message_id,
+                    urgent=lane == "main",
                 ),
             )
             metrics.SENT.labels(channel).inc()
@@ -267,29 +301,20 @@ class Pipeline:
             if first_seen is not None:
                 metrics.END_TO_END.labels(channel).observe(max(0.0, time.time() - first_seen))
             if self.hooks is not None:
-                self.hooks.sent(channel)
+                self.hooks.succeeded(channel, domain, first=first, key=outage_key(request))
             log.info("delivery.sent", provider_message_id=provider_message_id,
-                     latency_ms=round(latency_ms, 1))
+                     latency_ms=round(attempt_made.latency_ms, 1))
             return Outcome("sent", request.message_id, attempt)
 
         metrics.ATTEMPTS.labels(channel, provider.name, "failed", error.error_type.value).inc()
-        if self.hooks is not None and not error.provider_wide:
-            if error.error_type is ErrorType.RATE_LIMIT:
-                self.hooks.rate_limited(channel)
-            elif error.error_type in TRANSIENT and self.hooks.transient_failure(
-                    channel, request.to):
-                # The breaker is open: an outage, not this message's fault.
-                error.provider_wide = True
-                error.code = error.code or "outage"
-        if error.provider_wide:
-            return await self._pause(message, request, headers, attempt, error, started,
-                                     latency_ms, provider.name, lane)
-        # Attempts used since the last replay with a fresh budget (x-herald-attempt-base).
-        if should_retry(max(1, used), policy, error.retryable):
-            return await self._retry(message, request, headers, attempt, error, policy,
-                                     started, latency_ms, provider.name, used, lane)
-        return await self._park(message, request, attempt, error, started, latency_ms,
-                                provider.name)
+        pause_s = None
+        if self.hooks is not None:
+            pause_s = self.hooks.failed(channel, domain, error, first=first,
+                                        key=outage_key(request))
+        decision = decide(error, attempt=attempt, base=base, policy=policy, pause_s=pause_s)
+        if isinstance(decision, Park):
+            return await self._park(message, request, error, attempt_made)
+        return await self._send_again(message, request, headers, error, decision, attempt_made)
 
     async def _campaign(self, request: SendRequest) -> Campaign | None:
         if request.campaign_id is None:
@@ -331,11 +356,15 @@ class Pipeline:
         attempt: int,
         lane: str,
     ) -> Outcome:
+        forwarded = deferred_headers(
+            headers, attempt=attempt, base=_int_header(headers.get(HEADER_ATTEMPT_BASE), 0,
+                                                       minimum=0),
+            first_seen=_float_header(headers.get(HEADER_FIRST_SEEN)))
         await self._infra(
             "broker",
             lambda: self.publisher.publish_send(
-                request.channel, message.body, headers=headers, message_id=request.message_id,
-                lane=lane,
+                request.channel, message.body, headers=forwarded,
+                message_id=request.message_id, lane=lane,
             ),
         )
         metrics.DEFERRED.labels(request.channel, f"lane_{lane}").inc()
@@ -376,116 +405,81 @@ class Pipeline:
             log.info("delivery.claim_held", wait_s=round(max(wait, 0.0), 1))
             await self._sleep(min(max(wait, 0.2), 2.0))
 
-    async def _retry(
-        self,
-        message: AbstractIncomingMessage,
-        request: SendRequest,
-        incoming: dict[str, Any],
-        attempt: int,
-        error: DeliveryError,
-        policy: RetryPolicy,
-        started: datetime,
-        latency_ms: float,
-        provider: str,
-        used: int,
-        lane: str,
-    ) -> Outcome:
-        delay = retry_delay(max(1, used), policy, retry_after=error.retry_after)
-        await self._send_again(message, request, incoming, error, attempt, attempt + 1,
-                               "retrying", delay, started, latency_ms, provider, lane)
-        metrics.RETRIED.labels(request.channel, error.error_type.value).inc()
-        metrics.RETRIES_BY_ATTEMPT.labels(request.channel, str(min(attempt, 10))).inc()
-        log.info("delivery.retry_scheduled", error_type=error.error_type.value,
-                 error_code=error.code, delay_s=delay, error=error.message[:200])
-        return Outcome("retrying", request.message_id, attempt, error.error_type.value)
-
     async def _send_again(
         self,
         message: AbstractIncomingMessage,
         request: SendRequest,
         incoming: dict[str, Any],
         error: DeliveryError,
-        attempt: int,
-        next_attempt: int,
-        outcome: RecordOutcome,
-        delay: int,
-        started: datetime,
-        latency_ms: float,
-        provider: str,
-        lane: str,
-    ) -> None:
-        """Republish through the delay levels (confirmed), then record the outcome."""
-        headers = _forwarded(incoming) | error_headers(error) | {HEADER_ATTEMPT: next_attempt}
+        decision: Retry | Pause,
+        made: AttemptMade,
+    ) -> Outcome:
+        """Republish through the delay levels (confirmed), then record the attempt.
+
+        A :class:`Retry` charges the attempt (the copy is the next one); a
+        :class:`Pause` does not (provider-wide error or open failure domain:
+        the copy has the same attempt number).
+        """
+        headers = copy_headers(attempt=decision.attempt, base=made.base,
+                               first_seen=_float_header(incoming.get(HEADER_FIRST_SEEN)),
+                               error=error, carried=incoming)
         await self._infra(
             "broker",
             lambda: self.publisher.publish_delayed(
-                request.channel, message.body, delay, headers=headers,
-                message_id=request.message_id, lane=lane,
+                request.channel, message.body, decision.delay_s, headers=headers,
+                message_id=request.message_id, lane=made.lane,
             ),
         )
+        outcome: RecordOutcome = "retrying" if isinstance(decision, Retry) else "paused"
         await self._infra(
             "database",
             lambda: self.store.record(
-                message_id=request.message_id, attempt=attempt, outcome=outcome,
-                started_at=started, latency_ms=latency_ms, provider=provider,
+                message_id=request.message_id, attempt=made.attempt, outcome=outcome,
+                started_at=made.started, latency_ms=made.latency_ms, provider=made.provider,
                 error_type=error.error_type.value, error_code=error.code,
-                error_text=error.message, next_attempt_at=self.now() + timedelta(seconds=delay),
+                error_text=error.message,
+                next_attempt_at=self.now() + timedelta(seconds=decision.delay_s),
             ),
         )
-
-    async def _pause(
-        self,
-        message: AbstractIncomingMessage,
-        request: SendRequest,
-        incoming: dict[str, Any],
-        attempt: int,
-        error: DeliveryError,
-        started: datetime,
-        latency_ms: float,
-        provider: str,
-        lane: str,
-    ) -> Outcome:
-        """A provider-wide failure: not the message's fault, so not charged an attempt.
-
-        The channel pauses (see consumer.delivery.pause); this message goes round the
-        delay levels until about when the channel probes again.
-        """
-        wait_s = self.hooks.provider_wide(request.channel, error) if self.hooks else 0.0
-        delay = max(1, int(wait_s + 0.999), int(error.retry_after or 0))
-        await self._send_again(message, request, incoming, error, attempt, attempt, "paused",
-                               delay, started, latency_ms, provider, lane)
-        metrics.DEFERRED.labels(request.channel, "provider_wide").inc()
-        log.warning("delivery.provider_wide_failure", error_type=error.error_type.value,
-                    error_code=error.code, delay_s=delay)
-        return Outcome("paused", request.message_id, attempt, error.error_type.value)
+        if isinstance(decision, Retry):
+            metrics.RETRIED.labels(request.channel, error.error_type.value).inc()
+            metrics.RETRIES_BY_ATTEMPT.labels(request.channel,
+                                              str(min(made.attempt, 10))).inc()
+            log.info("delivery.retry_scheduled", error_type=error.error_type.value,
+                     error_code=error.code, delay_s=decision.delay_s,
+                     error=error.message[:200])
+            return Outcome("retrying", request.message_id, made.attempt,
+                           error.error_type.value)
+        metrics.DEFERRED.labels(request.channel, "provider_wide" if error.provider_wide
+                                else "domain_open").inc()
+        log.warning("delivery.paused", error_type=error.error_type.value,
+                    error_code=error.code, delay_s=decision.delay_s)
+        return Outcome("paused", request.message_id, made.attempt, error.error_type.value)
 
     async def _park(
         self,
         message: AbstractIncomingMessage,
         request: SendRequest,
-        attempt: int,
         error: DeliveryError,
-        started: datetime,
-        latency_ms: float,
-        provider: str,
+        made: AttemptMade,
     ) -> Outcome:
         await self._publish_parked(
-            message.body, request.channel, request.message_id, attempt, error,
+            message.body, request.channel, request.message_id, made.attempt, error,
             content_type=message.content_type, recipient=request.to,
             campaign_id=request.campaign_id,
         )
         await self._infra(
             "database",
             lambda: self.store.record(
-                message_id=request.message_id, attempt=attempt, outcome="failed",
-                started_at=started, latency_ms=latency_ms, provider=provider,
+                message_id=request.message_id, attempt=made.attempt, outcome="failed",
+                started_at=made.started, latency_ms=made.latency_ms, provider=made.provider,
                 error_type=error.error_type.value, error_code=error.code,
                 error_text=error.message,
             ),
         )
         log.warning("delivery.parked", error_type=error.error_type.value,
                     error_code=error.code, error=error.message[:200])
-        return Outcome("parked", request.message_id, attempt, error.error_type.value)
+        return Outcome("parked", request.message_id, made.attempt, error.error_type.value)
 
     async def _park_invalid(
         self, message: AbstractIncomingMessage, channel: str, attempt: int, problem: str
@@ -528,8 +522,11 @@ class Pipeline:
         lane: str,
     ) -> Outcome:
         """Send the message round the delay levels until ``due_at``; no attempt is used."""
-        delay = max(1, int((due_at - self.now()).total_seconds() + 0.999))
-        forwarded = {k: v for k, v in headers.items() if k != HEADER_DUE_AT}
+        delay = defer_seconds(due_at, self.now())
+        forwarded = deferred_headers(
+            headers, attempt=attempt, base=_int_header(headers.get(HEADER_ATTEMPT_BASE), 0,
+                                                       minimum=0),
+            first_seen=_float_header(headers.get(HEADER_FIRST_SEEN)))
         await self._infra(
             "broker",
             lambda: self.publisher.publish_delayed(
@@ -537,7 +534,11 @@ class Pipeline:
                 message_id=request.message_id, lane=lane,
             ),
         )
-        if used_first(headers, attempt):
+        # A first attempt deferred to a time of its own (send_at, quiet hours, a daily
+        # limit) is recorded as queued until then. One deferred because its domain is
+        # down is not: it is simply still waiting (as in its queue), and a dead host's
+        # backlog costs a publish per round, not a database write.
+        if reason != "domain_open" and used_first(headers, attempt):
             await self._infra(
                 "database",
                 lambda: self.store.record_scheduled(

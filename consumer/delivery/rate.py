@@ -7,12 +7,14 @@
   ``rate_limit`` answer cuts the rate by 30 % (at most once a second), and
   every second without one adds back 5 % of the configured rate
   (multiplicative decrease, additive increase).
-- :class:`Breaker` — an outage detector: a run of transient failures
-  (``provider_error``/``network``) across several recipients opens it, and the
-  channel pauses exactly like for an expired token (see :mod:`consumer.delivery.pause`).
 
-The limit is per process: with N replicas, set each one's rate to the
-provider's limit divided by N.
+Each failure domain (see :mod:`consumer.delivery.registry`) has a limiter of
+its own, so one host's 429s slow only that host. With no configured rate
+there is nothing to adapt: a ``rate_limit`` answer's ``Retry-After`` is
+honoured by the message's own retry delay, and the domain keeps its pace.
+
+The limit is per process and per domain: with N replicas, set each one's
+rate to the provider's limit divided by N.
 """
 
 from __future__ import annotations
@@ -21,9 +23,7 @@ import asyncio
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
-
-from consumer.errors import ErrorType
+from dataclasses import dataclass
 
 # Of five tokens handed out while both lanes wait, four go to the main lane.
 MAIN_SHARE = 4
@@ -68,48 +68,38 @@ class TokenBucket:
 
 @dataclass
 class AdaptiveRate:
-    """The rate a channel runs at now: AIMD around the configured ceiling. Pure."""
+    """The rate a domain runs at now: AIMD under the configured ceiling. Pure.
+
+    With no configured rate there is nothing to adapt (``current`` stays None).
+    """
 
     configured: float | None
     current: float | None = None
     last_decrease: float = float("-inf")
     last_increase: float = 0.0
-    sent_window: deque[float] = field(default_factory=deque)
 
     def __post_init__(self) -> None:
         self.current = self.configured
 
-    def observed(self, now: float) -> float:
-        """Sends per second over the last second."""
-        while self.sent_window and self.sent_window[0] < now - 1.0:
-            self.sent_window.popleft()
-        return float(len(self.sent_window))
-
     def on_sent(self, now: float) -> bool:
         """A send went through. Returns True when the rate changed."""
-        self.sent_window.append(now)
-        if self.current is None or now - self.last_increase < 1.0:
+        if self.configured is None or self.current is None:
             return False
-        if now - self.last_decrease < 1.0:
+        if now - self.last_increase < 1.0 or now - self.last_decrease < 1.0:
             return False
         self.last_increase = now
-        ceiling = self.configured
-        step = max(0.5, (ceiling or self.current) * INCREASE_STEP)
-        new: float | None = self.current + step
-        if ceiling is not None:
-            new = min(self.current + step, ceiling)
-        elif self.current + step >= 2 * max(self.observed(now), 1.0):
-            new = None  # an unlimited channel is unlimited again once well clear
+        new = min(self.current + max(0.5, self.configured * INCREASE_STEP), self.configured)
         changed = new != self.current
         self.current = new
         return changed
 
     def on_rate_limited(self, now: float) -> bool:
         """The provider said slow down. Returns True when the rate changed."""
+        if self.configured is None or self.current is None:
+            return False  # nothing configured, nothing to adapt: Retry-After decides
         if now - self.last_decrease < 1.0:
             return False  # one cut per second: in-flight 429s are the same signal
-        base = self.current if self.current is not None else max(self.observed(now), 1.0)
-        self.current = max(MIN_RATE, base * DECREASE_FACTOR)
+        self.current = max(MIN_RATE, self.current * DECREASE_FACTOR)
         self.last_decrease = now
         self.last_increase = now
         return True
@@ -141,6 +131,11 @@ class RateLimiter:
         if self._dispatcher is None or self._dispatcher.done():
             self._dispatcher = asyncio.create_task(self._dispatch())
         await future
+
+    @property
+    def waiting(self) -> bool:
+        """Sends are waiting for a permit."""
+        return self._pending()
 
     def _pending(self) -> bool:
         return any(w for w in self._waiters.values())
@@ -197,30 +192,3 @@ class RateLimiter:
     async def close(self) -> None:
         if self._dispatcher is not None:
             self._dispatcher.cancel()
-
-
-TRANSIENT = frozenset({ErrorType.PROVIDER_ERROR, ErrorType.NETWORK})
-
-
-@dataclass
-class Breaker:
-    """Opens after ``threshold`` transient failures in a row spanning at least
-    ``min_recipients`` different recipients: one recipient (or one webhook URL)
-    failing again and again is that recipient's trouble, not an outage. Any
-    success closes the run. Pure."""
-
-    threshold: int = 10
-    min_recipients: int = 3
-    run: int = 0
-    recipients: set[str] = field(default_factory=set)
-
-    def failure(self, recipient: str) -> bool:
-        """Record a transient failure; True when it makes the run an outage."""
-        self.run += 1
-        if len(self.recipients) < self.min_recipients:
-            self.recipients.add(recipient)
-        return self.run >= self.threshold and len(self.recipients) >= self.min_recipients
-
-    def success(self) -> None:
-        self.run = 0
-        self.recipients.clear()

@@ -16,15 +16,13 @@ from datetime import datetime
 from typing import Any
 
 from consumer import metrics
+from consumer.delivery.decision import error_headers
 from consumer.errors import DeliveryError
 from consumer.publisher import Publisher
 from consumer.store import Store
 from consumer.wire import (
     HEADER_ATTEMPT,
     HEADER_CHANNEL,
-    HEADER_ERROR_CODE,
-    HEADER_ERROR_TYPE,
-    HEADER_LAST_ERROR,
     HEADER_MESSAGE_ID,
     HEADER_PARKED_AT,
     HEADER_PARKED_ID,
@@ -37,15 +35,6 @@ Runner = Callable[[str, Callable[[], Awaitable[Any]]], Awaitable[Any]]
 
 async def _once(component: str, step: Callable[[], Awaitable[Any]]) -> Any:
     return await step()
-
-
-def error_headers(error: DeliveryError) -> dict[str, Any]:
-    """The ``x-herald-error-*`` headers of a failed attempt."""
-    return {
-        HEADER_ERROR_TYPE: error.error_type.value,
-        HEADER_ERROR_CODE: error.code or "",
-        HEADER_LAST_ERROR: error.message[:1000],
-    }
 
 
 async def park(

@@ -24,6 +24,11 @@ class Provider(Protocol):
 
     name: str
 
+    def domain(self, request: SendRequest | None) -> str:
+        """The failure domain of a message: what fails together with it (see
+        :mod:`consumer.delivery.outage`)."""
+        ...
+
     async def send(self, request: SendRequest, attempt: int) -> SendResult: ...
 
     async def close(self) -> None: ...

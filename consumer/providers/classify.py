@@ -31,14 +31,20 @@ class Rule(NamedTuple):
     retryable: bool
     provider_wide: bool = False
     min_retry_after: float | None = None
+    about_recipient: bool = False
 
 
 def rule(error_type: ErrorType, *, provider_wide: bool = False,
-         min_retry_after: float | None = None, retryable: bool | None = None) -> Rule:
-    """A :class:`Rule` whose retryability defaults to the error type's (DESIGN.md §5)."""
+         min_retry_after: float | None = None, retryable: bool | None = None,
+         about_recipient: bool = False) -> Rule:
+    """A :class:`Rule` whose retryability defaults to the error type's.
+
+    ``about_recipient``: a transient failure of this one recipient (it never
+    feeds outage detection, see :mod:`consumer.delivery.outage`).
+    """
     default = error_type in RETRYABLE_BY_DEFAULT
     return Rule(error_type, default if retryable is None else retryable, provider_wide,
-                min_retry_after)
+                min_retry_after, about_recipient)
 
 
 def status_rule(status: int) -> Rule:
@@ -73,6 +79,7 @@ def make_error(rule_: Rule, message: str, *, code: str, retry_after: float | Non
         retry_after=retry_after,
         retryable=rule_.retryable,
         provider_wide=rule_.provider_wide,
+        about_recipient=rule_.about_recipient,
     )
 
 
@@ -129,6 +136,7 @@ def scrubbed(error: DeliveryError, recipient: str, secrets: Iterable[str | None]
         retry_after=error.retry_after,
         retryable=error.retryable,
         provider_wide=error.provider_wide,
+        about_recipient=error.about_recipient,
     )
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 
@@ -37,11 +38,29 @@ def classify_http_status(status: int) -> tuple[ErrorType, bool]:
     return ErrorType.OTHER, False
 
 
+def destination(url: str) -> str:
+    """``scheme://host:port`` of a URL, the failure domain of the ``http`` channel
+    (lower-case, default port written out); the URL itself when it has no host."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port or {"http": 80, "https": 443}.get(parts.scheme.lower())
+    except ValueError:
+        return "http:invalid"
+    if not parts.hostname:
+        return "http:invalid"
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    return f"{parts.scheme.lower()}://{host.lower()}:{port}"
+
+
 class HttpProvider:
     name = "http"
 
     def __init__(self, session: aiohttp.ClientSession) -> None:
         self.session = session
+
+    def domain(self, request: SendRequest | None) -> str:
+        """The destination's ``scheme://host:port``: one host's outage is its own."""
+        return destination(request.to) if request is not None else "http"
 
     async def send(self, request: SendRequest, attempt: int) -> SendResult:
         headers = {

@@ -36,7 +36,7 @@ TWILIO_ERRORS: dict[int, Rule] = {
     14107: rule(_R.RATE_LIMIT, min_retry_after=30.0),  # loop protection on a number pair
     30001: rule(_R.RATE_LIMIT),  # queue overflow
     30002: rule(_R.ACCESS_TOKEN, provider_wide=True),  # account suspended
-    30003: rule(_R.PROVIDER_ERROR),  # handset unreachable
+    30003: rule(_R.PROVIDER_ERROR, about_recipient=True),  # handset unreachable
     30004: rule(_R.INVALID_RECIPIENT),  # message blocked
     30005: rule(_R.INVALID_RECIPIENT),  # unknown destination handset
     30006: rule(_R.INVALID_RECIPIENT),  # landline or unreachable carrier
@@ -115,6 +115,11 @@ class TwilioProvider:
         basic = base64.b64encode(f"{sid}:{token}".encode()).decode()
         self._authorization = f"Basic {basic}"
         self._secrets: tuple[str, ...] = (token, basic)
+        self._domain = f"twilio:{sid}"
+
+    def domain(self, request: SendRequest | None) -> str:
+        """The account: every message of this process shares it."""
+        return self._domain
 
     @staticmethod
     def missing(settings: Settings) -> list[str]:

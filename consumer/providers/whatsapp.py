@@ -93,6 +93,11 @@ class WhatsAppProvider:
         self.url = (f"{settings.meta_base_url}/{settings.meta_api_version}/"
                     f"{phone_number_id}/messages")
         self._token = settings.whatsapp_token or ""
+        self._domain = f"whatsapp:{settings.whatsapp_phone_number_id}"
+
+    def domain(self, request: SendRequest | None) -> str:
+        """The business phone number: every message of this process shares it."""
+        return self._domain
 
     @staticmethod
     def missing(settings: Settings) -> list[str]:

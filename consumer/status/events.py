@@ -42,14 +42,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import math
 import time
 import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar
 
 import asyncpg
 import structlog
@@ -62,19 +60,20 @@ from aio_pika.abc import (
 from pydantic import ValidationError
 
 from consumer import metrics
-from consumer.delivery.backoff import RetryPolicy, retry_delay, should_retry
+from consumer.delivery.backoff import RetryPolicy
+from consumer.delivery.decision import Park, copy_headers, decide
+from consumer.delivery.pipeline import lane_of
 from consumer.errors import DeliveryError, ErrorType
 from consumer.logs import mask_recipient
-from consumer.parking.park import error_headers, park
+from consumer.parking.park import park
 from consumer.providers.classify import Rule, as_int, make_error, mask_recipient_in, rule
 from consumer.providers.messenger import messenger_rule
 from consumer.providers.twilio import twilio_rule
 from consumer.providers.whatsapp import whatsapp_rule
 from consumer.publisher import Publisher
 from consumer.settings import Settings
-from consumer.store import Store, is_transient_db_error, resolve_policy
+from consumer.store import Campaign, Store, is_transient_db_error, resolve_policy
 from consumer.topology import Names
-from consumer.wire import HEADER_ATTEMPT, HEADER_FIRST_SEEN
 from schemas import ProviderEvent, SendRequest
 
 log = structlog.get_logger("herald.events")
@@ -83,17 +82,14 @@ T = TypeVar("T")
 # A pooled connection or a plain one.
 Connection = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
 
-# Re-send delay after a provider-wide failure report when nobody (the channel
-# pause) says how long the provider needs.
-PROVIDER_WIDE_DELAY_S = 30
 # A code no table knows, reported after acceptance, is not retried: the
 # provider has already said no once, and a person can replay it from the
 # parking lot (DESIGN.md §5: 'other' is not retryable).
 UNKNOWN_CODE_RULE = rule(ErrorType.OTHER, retryable=False)
 
-# The channel pause (Service.provider_wide): pauses the channel's senders and
-# says how long until it probes the provider again.
-ProviderWideHook = Callable[[str, DeliveryError], float]
+# Opens the message's failure domain (ChannelRegistry.provider_wide): pauses the
+# channel's senders and says how long until it probes the provider again.
+ProviderWideHook = Callable[[str, DeliveryError, SendRequest | None], float]
 
 
 class _Stopping(Exception):
@@ -123,31 +119,24 @@ def reported_error(
                       retry_after=None)
 
 
-@dataclass(frozen=True)
-class Decision:
-    """What a reported failure makes Herald do with the message."""
-
-    kind: Literal["retry", "pause", "park"]
-    error: DeliveryError
-    record_outcome: Literal["retrying", "paused", "failed"]
-    resend_attempt: int | None  # x-herald-attempt of the copy re-sent
-    delay_s: int
+def _request(payload: Any) -> SendRequest | None:
+    """The stored request (None when it no longer validates: defaults apply)."""
+    try:
+        return SendRequest.model_validate(payload)
+    except ValidationError:
+        return None
 
 
-def decide(error: DeliveryError, attempt: int, policy: RetryPolicy,
-           provider_wide_delay_s: float = PROVIDER_WIDE_DELAY_S, *, base: int = 0) -> Decision:
-    """Retry, pause or park, exactly as the pipeline decides for a synchronous failure.
-
-    ``base``: attempts made before the last replay with a fresh budget.
-    """
-    if error.provider_wide:
-        delay = max(1, math.ceil(provider_wide_delay_s), math.ceil(error.retry_after or 0))
-        return Decision("pause", error, "paused", attempt, delay)
-    used = max(1, attempt - base)
-    if should_retry(used, policy, error.retryable):
-        delay = retry_delay(used, policy, retry_after=error.retry_after)
-        return Decision("retry", error, "retrying", attempt + 1, delay)
-    return Decision("park", error, "failed", None, 0)
+def _policy(settings: Settings, request: SendRequest | None,
+            campaign: Campaign | None) -> RetryPolicy:
+    spec = request.retry if request is not None else None
+    return resolve_policy(
+        settings, campaign,
+        max_attempts=spec.max_attempts if spec else None,
+        base_delay_s=spec.base_delay_s if spec else None,
+        max_delay_s=spec.max_delay_s if spec else None,
+        mode=spec.mode if spec else None,
+    )
 
 
 def event_item(idx: int, event: ProviderEvent, event_id: str, row_id: int | None = None
@@ -348,27 +337,34 @@ class EventsConsumer:
     async def _decide_failures(
         self, conn: Connection, failures: Sequence[asyncpg.Record]
     ) -> tuple[dict[int, str], list[int]]:
-        """Retry, pause or park each message a failure report is about (rows locked)."""
+        """Retry, pause or park each message a failure report is about (rows locked),
+        with the pipeline's own decision and re-sent copy (consumer.delivery.decision)."""
         records: list[dict[str, Any]] = []
         actions: list[dict[str, Any]] = []
         outcomes: dict[int, str] = {}
         for idx, row in enumerate(failures):
             error = reported_error(row["provider"], row["error_code"], row["error_text"],
                                    row["recipient"])
-            policy = await self._policy(row["payload"])
-            wait: float = PROVIDER_WIDE_DELAY_S
-            if error.provider_wide and self.on_provider_wide is not None:
-                wait = self.on_provider_wide(row["channel"], error)
+            request = _request(row["payload"])
+            campaign = None
+            if request is not None and request.campaign_id is not None:
+                campaign = await self.store.campaign(request.campaign_id)
+            policy = _policy(self.settings, request, campaign)
+            pause_s: float | None = None
+            if error.provider_wide:
+                pause_s = (self.on_provider_wide(row["channel"], error, request)
+                           if self.on_provider_wide is not None else self.settings.pause_base_s)
             # The retry budget counts from the last replay with a fresh one.
             base = await conn.fetchval(
                 "SELECT attempt_base FROM messages WHERE message_id = $1", row["message_id"])
-            decision = decide(error, row["attempts"], policy, wait, base=base or 0)
-            now = datetime.now(UTC)
-            next_at = (now + timedelta(seconds=decision.delay_s)
-                       if decision.kind != "park" else None)
+            decision = decide(error, attempt=row["attempts"], base=base or 0, policy=policy,
+                              pause_s=pause_s)
+            delay = 0 if isinstance(decision, Park) else decision.delay_s
+            next_at = datetime.now(UTC) + timedelta(seconds=delay) if delay else None
+            outcome = {"retry": "retrying", "pause": "paused", "park": "failed"}[decision.kind]
             records.append({
                 "idx": idx, "message_id": row["message_id"], "attempt": row["attempts"],
-                "outcome": decision.record_outcome, "started_at": row["occurred_at"].isoformat(),
+                "outcome": outcome, "started_at": row["occurred_at"].isoformat(),
                 "latency_ms": None, "provider": row["provider"],
                 "provider_message_id": row["provider_message_id"],
                 "error_type": error.error_type.value, "error_code": error.code,
@@ -379,10 +375,12 @@ class EventsConsumer:
                 "event_row": row["row_id"], "message_id": row["message_id"],
                 "kind": {"retry": "resend"}.get(decision.kind, decision.kind),
                 "channel": row["channel"],
-                "attempt": decision.resend_attempt or row["attempts"],
-                "delay_s": decision.delay_s, "error_type": error.error_type.value,
+                "attempt": row["attempts"] if isinstance(decision, Park) else decision.attempt,
+                "attempt_base": base or 0,
+                "lane": lane_of(request, campaign) if request is not None else "main",
+                "delay_s": delay, "error_type": error.error_type.value,
                 "error_code": error.code, "error_text": error.message[:2000],
-                "parked_id": str(uuid.uuid4()) if decision.kind == "park" else None,
+                "parked_id": str(uuid.uuid4()) if isinstance(decision, Park) else None,
             })
             outcomes[row["row_id"]] = decision.kind
             with structlog.contextvars.bound_contextvars(
@@ -390,18 +388,19 @@ class EventsConsumer:
             ):
                 log.info("events.failure_reported", provider=row["provider"],
                          error_type=error.error_type.value, error_code=error.code,
-                         decision=decision.kind, delay_s=decision.delay_s)
+                         decision=decision.kind, delay_s=delay)
         await conn.fetch("SELECT * FROM herald_record_batch($1::text::jsonb)",
                          json.dumps(records))
         ids = await conn.fetch(
-            """INSERT INTO event_actions (event_row, message_id, kind, channel, attempt, delay_s,
-                                          error_type, error_code, error_text, parked_id)
-               SELECT event_row, message_id, kind, channel, attempt, delay_s, error_type,
-                      error_code, error_text, parked_id
+            """INSERT INTO event_actions (event_row, message_id, kind, channel, attempt,
+                                          attempt_base, lane, delay_s, error_type, error_code,
+                                          error_text, parked_id)
+               SELECT event_row, message_id, kind, channel, attempt, attempt_base, lane,
+                      delay_s, error_type, error_code, error_text, parked_id
                  FROM jsonb_to_recordset($1::text::jsonb) AS x(
                       event_row bigint, message_id text, kind text, channel text,
-                      attempt integer, delay_s integer, error_type text, error_code text,
-                      error_text text, parked_id uuid)
+                      attempt integer, attempt_base integer, lane text, delay_s integer,
+                      error_type text, error_code text, error_text text, parked_id uuid)
                RETURNING id""",
             json.dumps(actions),
         )
@@ -412,23 +411,6 @@ class EventsConsumer:
             list(outcomes), list(outcomes.values()),
         )
         return outcomes, [r["id"] for r in ids]
-
-    async def _policy(self, payload: Any) -> RetryPolicy:
-        try:
-            request: SendRequest | None = SendRequest.model_validate(payload)
-        except ValidationError:
-            request = None
-        campaign = None
-        if request is not None and request.campaign_id is not None:
-            campaign = await self.store.campaign(request.campaign_id)
-        spec = request.retry if request is not None else None
-        return resolve_policy(
-            self.settings, campaign,
-            max_attempts=spec.max_attempts if spec else None,
-            base_delay_s=spec.base_delay_s if spec else None,
-            max_delay_s=spec.max_delay_s if spec else None,
-            mode=spec.mode if spec else None,
-        )
 
     # -- actions (the outbox) ----------------------------------------------------------------
 
@@ -471,12 +453,13 @@ class EventsConsumer:
                               code=action["error_code"])
         body = json.dumps(action["payload"]).encode()
         if action["kind"] in ("resend", "pause"):
-            headers = error_headers(error) | {HEADER_ATTEMPT: action["attempt"]}
-            if action["queued_at"] is not None:  # end-to-end time counts from the first sight
-                headers[HEADER_FIRST_SEEN] = action["queued_at"].timestamp()
+            # End-to-end time counts from the first sight of the message.
+            first_seen = action["queued_at"].timestamp() if action["queued_at"] else None
+            headers = copy_headers(attempt=action["attempt"], base=action["attempt_base"],
+                                   first_seen=first_seen, error=error)
             await self.publisher.publish_delayed(
                 action["channel"], body, action["delay_s"], headers=headers,
-                message_id=action["message_id"],
+                message_id=action["message_id"], lane=action["lane"],
             )
             if action["kind"] == "pause":
                 metrics.DEFERRED.labels(action["channel"], "provider_wide").inc()

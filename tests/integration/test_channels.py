@@ -143,8 +143,8 @@ async def test_whatsapp_token_outage_pauses_only_whatsapp(
     await wait_for(sms_all_sent, timeout=60, interval=0.5, what="all SMS sent")
     assert await db.fetchval("SELECT count(*) FROM messages "
                              "WHERE channel = 'whatsapp' AND status = 'sent'") == 0
-    assert service.channels["whatsapp"].pause.pauses >= 1
-    assert service.channels["sms"].pause.pauses == 0
+    assert service.channels.trips("whatsapp") >= 1
+    assert service.channels.trips("sms") == 0
 
     async def all_sent() -> bool:
         n = await db.fetchval("SELECT count(*) FROM messages WHERE status = 'sent'")

@@ -315,6 +315,28 @@ async def test_retryable_failure_resends_as_a_new_attempt_whose_claim_succeeds(
     assert claim is not None and claim["outcome"] == "claimed"
 
 
+async def test_a_reported_failure_keeps_a_replayed_messages_fresh_budget_and_its_lane(
+    amqp: AbstractRobustConnection, prefix: str, db: asyncpg.Connection,
+    start_herald: HeraldFactory,
+) -> None:
+    """Attempt 4 of a message replayed with a fresh budget after attempt 3 (attempt base
+    3), in a campaign (bulk lane): a reported failure re-sends it as attempt 5 with the
+    base kept and on the bulk lane, as the pipeline would for a synchronous failure."""
+    await start_herald(roles=("events",))  # no senders: the re-sent copy waits in its queue
+    payload = sms_payload("m1", max_attempts=3) | {"campaign_id": "spring"}
+    await insert_message(db, "m1", pmid="SM4", attempts=4, payload=payload)
+    await db.execute("UPDATE messages SET attempt_base = 3, campaign_id = 'spring'"
+                     " WHERE message_id = 'm1'")
+    await publish_events(amqp, prefix, ev("twilio", "SM4", "failed", at(1), error_code="30003"))
+
+    (copy,) = await drain_queue(amqp, f"{prefix}.send.sms.bulk", expect=1, timeout=10)
+    assert copy.headers["x-herald-attempt"] == 5
+    assert copy.headers["x-herald-attempt-base"] == 3
+    assert await queue_depth(amqp, f"{prefix}.send.sms") == 0
+    # Judged against the fresh budget: attempt 4 was the first of it, so it was retried.
+    assert await outcomes(db) == ["retry"]
+
+
 async def test_failure_reported_before_the_send_is_recorded_is_acted_on_once_it_is(
     amqp: AbstractRobustConnection, prefix: str, db: asyncpg.Connection,
     start_herald: HeraldFactory,

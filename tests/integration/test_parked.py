@@ -219,7 +219,7 @@ async def test_list_counts_and_filters(
 # -- end to end, parked by the real pipeline -------------------------------------------
 
 # Three error types that park at once and say nothing about the channel as a
-# whole (transient ones would feed the channel's circuit breaker): the sandbox
+# whole (transient ones would feed outage detection): the sandbox
 # fails the first attempt with 400 or 403; a URL without a host never gets there.
 KINDS = ("invalid_request", "permission", "invalid_recipient")
 
@@ -657,7 +657,7 @@ async def test_reset_attempts_gives_a_replayed_message_a_fresh_budget(
     """Through the pipeline: two attempts, parked; replayed with a fresh budget
     it gets two more (numbered 3 and 4), replayed without one a single try."""
     await start_service()
-    down = sandbox.url("down", status=503)  # one recipient: the breaker stays closed
+    down = sandbox.url("down", status=503)  # two failures: far from an outage
     await publish_all(amqp, prefix, [request(f"b-{i}", down, retry={"max_attempts": 2})
                                      for i in range(2)])
     await wait_parked(db, amqp, prefix, 2, timeout=30)

@@ -160,3 +160,28 @@ async def test_delays_are_exact_and_not_blocked_by_longer_ones(
     await publisher.close()
     assert [json.loads(m.body)["n"] for m in got] == ["short"]
     assert 5.0 <= arrived < 6.0, arrived
+
+
+async def test_a_copy_deferred_again_through_the_same_delay_levels_arrives(
+    amqp: AbstractRobustConnection, prefix: str, db: asyncpg.Connection,
+    sandbox: RunningSandbox, start_service: ServiceFactory,
+) -> None:
+    """A copy that carries the broker's history of an earlier trip through delay levels
+    1 and 0 is deferred through them again: RabbitMQ would take the old x-death for a
+    dead-letter cycle and strand the copy in level 1's queue; Herald never carries it."""
+    await start_service()
+    history = [{"queue": f"{prefix}.delay.{level}", "reason": "expired", "count": 1,
+                "exchange": f"{prefix}.delay.{level}", "routing-keys": ["x"]}
+               for level in (0, 1)]
+    publisher = Publisher(amqp, Names(prefix))
+    await publisher.publish_send(
+        "http", json.dumps(request("again", sandbox.url("again"))).encode(),
+        message_id="again",
+        headers={"x-death": history, "x-herald-due-at": int(time.time()) + 3})
+    await publisher.close()
+
+    async def sent() -> bool:
+        return await db.fetchval("SELECT status FROM messages WHERE message_id = 'again'"
+                                 ) == "sent"
+
+    await wait_for(sent, timeout=20, what="the deferred copy sent")

@@ -10,7 +10,8 @@ import pytest
 from multidict import MultiDict
 
 from consumer.delivery.backoff import RetryPolicy
-from consumer.status.events import decide, event_id_of, reported_error
+from consumer.delivery.decision import Park, Pause, Retry, decide
+from consumer.status.events import event_id_of, reported_error
 from consumer.status.webhooks import (
     messenger_events,
     twilio_events,
@@ -205,34 +206,39 @@ def test_reported_error_masks_the_recipient() -> None:
 
 
 def test_retryable_with_attempts_left_is_retried_as_a_new_attempt() -> None:
-    decision = decide(reported_error("twilio", "30003", None), 1, POLICY)
-    assert (decision.kind, decision.record_outcome, decision.resend_attempt) == (
-        "retry", "retrying", 2)
-    assert decision.delay_s == 10
-    assert decide(reported_error("twilio", "30003", None), 2, POLICY).delay_s == 20
+    decision = decide(reported_error("twilio", "30003", None), attempt=1, base=0, policy=POLICY)
+    assert decision == Retry(10, 2)
+    assert decide(reported_error("twilio", "30003", None), attempt=2, base=0,
+                  policy=POLICY) == Retry(20, 3)
 
 
 def test_retryable_without_attempts_left_is_parked() -> None:
-    decision = decide(reported_error("twilio", "30003", None), 3, POLICY)
-    assert (decision.kind, decision.record_outcome, decision.resend_attempt) == (
-        "park", "failed", None)
+    assert decide(reported_error("twilio", "30003", None), attempt=3, base=0,
+                  policy=POLICY) == Park()
 
 
 def test_permanent_is_parked_and_manual_mode_parks() -> None:
-    assert decide(reported_error("twilio", "30006", None), 1, POLICY).kind == "park"
+    assert decide(reported_error("twilio", "30006", None), attempt=1, base=0,
+                  policy=POLICY) == Park()
     manual = RetryPolicy(max_attempts=3, base_delay_s=10, max_delay_s=60, mode="manual")
-    assert decide(reported_error("twilio", "30003", None), 1, manual).kind == "park"
+    assert decide(reported_error("twilio", "30003", None), attempt=1, base=0,
+                  policy=manual) == Park()
 
 
 def test_loop_protection_waits_its_minimum() -> None:
-    assert decide(reported_error("twilio", "14107", None), 1, POLICY).delay_s == 30
+    decision = decide(reported_error("twilio", "14107", None), attempt=1, base=0, policy=POLICY)
+    assert decision == Retry(30, 2)
 
 
 def test_provider_wide_is_resent_without_charging_an_attempt() -> None:
-    decision = decide(reported_error("twilio", "30002", None), 2, POLICY, 45.5)
-    assert (decision.kind, decision.record_outcome, decision.resend_attempt) == (
-        "pause", "paused", 2)
-    assert decision.delay_s == 46
+    decision = decide(reported_error("twilio", "30002", None), attempt=2, base=0,
+                      policy=POLICY, pause_s=45.5)
+    assert decision == Pause(46, 2)
+
+
+def test_handset_unreachable_is_about_the_recipient_not_an_outage() -> None:
+    error = reported_error("twilio", "30003", None)
+    assert error.retryable and error.about_recipient and not error.outage_signal
 
 
 class _Message:
@@ -249,18 +255,3 @@ def test_event_id_is_the_amqp_message_id_or_derived_stably() -> None:
             == event_id_of(_Message(None, b"x")))  # type: ignore[arg-type]
     assert (event_id_of(_Message(None, b"x"))  # type: ignore[arg-type]
             != event_id_of(_Message(None, b"y")))  # type: ignore[arg-type]
-
-
-def test_reported_failure_budget_counts_from_the_last_fresh_budget() -> None:
-    """A replayed message (attempt base 5) reported failed on attempt 6 has used one
-    attempt of its new budget: it is retried, not parked."""
-    from consumer.delivery.backoff import RetryPolicy
-    from consumer.errors import DeliveryError, ErrorType
-    from consumer.status.events import decide
-
-    policy = RetryPolicy(max_attempts=3, base_delay_s=1, max_delay_s=8, jitter=0)
-    error = DeliveryError(ErrorType.PROVIDER_ERROR, "30003", code="30003", retryable=True)
-    assert decide(error, 6, policy).kind == "park"
-    retried = decide(error, 6, policy, base=5)
-    assert retried.kind == "retry" and retried.resend_attempt == 7 and retried.delay_s == 1
-    assert decide(error, 8, policy, base=5).kind == "park"

@@ -1,0 +1,151 @@
+"""What to do after a failed attempt, and the copy that is sent again. Pure.
+
+The pipeline (a synchronous failure) and the events consumer (a failure the
+provider reported after accepting the send) both ask :func:`decide` and
+build the re-sent copy with :func:`copy_headers`; neither keeps retry logic
+of its own.
+
+- :class:`Retry`: charge the attempt and send the message again as attempt
+  ``attempt`` after ``delay_s`` (exponential backoff, never less than the
+  provider's ``Retry-After``).
+- :class:`Pause`: not the message's fault (an expired token, an outage of
+  its failure domain): send it again after ``delay_s`` *without* charging an
+  attempt (same attempt number).
+- :class:`Park`: no retry (permanent error, budget spent, or manual mode).
+
+A fourth outcome, deferring a message *before* it is sent (``send_at``,
+quiet hours, a daily limit, an open failure domain), needs no decision
+about a failure: see :func:`defer_seconds`.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from consumer.delivery.backoff import RetryPolicy, retry_delay, should_retry
+from consumer.errors import DeliveryError
+from consumer.wire import (
+    HEADER_ATTEMPT,
+    HEADER_ATTEMPT_BASE,
+    HEADER_ERROR_CODE,
+    HEADER_ERROR_TYPE,
+    HEADER_FIRST_SEEN,
+    HEADER_LAST_ERROR,
+    PER_ATTEMPT,
+)
+
+
+@dataclass(frozen=True)
+class Retry:
+    delay_s: int
+    attempt: int  # the attempt number of the copy sent again
+
+    kind = "retry"
+
+
+@dataclass(frozen=True)
+class Pause:
+    delay_s: int
+    attempt: int  # unchanged: the attempt is not charged
+
+    kind = "pause"
+
+
+@dataclass(frozen=True)
+class Park:
+    kind = "park"
+
+
+Decision = Retry | Pause | Park
+
+
+def whole_seconds(seconds: float) -> int:
+    """A delay the delay levels can carry: whole seconds, rounded up, at least one."""
+    return max(1, math.ceil(seconds))
+
+
+def decide(
+    error: DeliveryError,
+    *,
+    attempt: int,
+    base: int,
+    policy: RetryPolicy,
+    pause_s: float | None = None,
+    rng: random.Random | None = None,
+) -> Decision:
+    """The decision for attempt ``attempt`` that failed with ``error``.
+
+    ``base``: attempts made before the last replay with a fresh budget (the
+    budget counts ``attempt - base``). ``pause_s``: when the message's failure
+    domain is open (or the error is provider-wide), how long until it probes
+    again; such a failure is a :class:`Pause`, never charged.
+    """
+    if error.provider_wide or pause_s is not None:
+        wait = max(pause_s or 0.0, error.retry_after or 0.0)
+        return Pause(whole_seconds(wait), attempt)
+    used = max(1, attempt - base)
+    if should_retry(used, policy, error.retryable):
+        return Retry(retry_delay(used, policy, retry_after=error.retry_after, rng=rng),
+                     attempt + 1)
+    return Park()
+
+
+def defer_seconds(due_at: datetime, now: datetime) -> int:
+    """Whole seconds until ``due_at`` (at least one): how long a deferred copy waits."""
+    return whole_seconds((due_at - now).total_seconds())
+
+
+def error_headers(error: DeliveryError) -> dict[str, Any]:
+    """The ``x-herald-error-*`` headers of a failed attempt."""
+    return {
+        HEADER_ERROR_TYPE: error.error_type.value,
+        HEADER_ERROR_CODE: error.code or "",
+        HEADER_LAST_ERROR: error.message[:1000],
+    }
+
+
+def copy_headers(
+    *,
+    attempt: int,
+    base: int,
+    first_seen: float | None,
+    error: DeliveryError | None = None,
+    carried: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The headers of a copy of a message that is sent round again.
+
+    ``carried``: the headers of the copy in hand; the publisher's own are kept,
+    those about one attempt or one trip through the broker are not (they are
+    set afresh here).
+    """
+    headers = {k: v for k, v in (carried or {}).items()
+               if k not in PER_ATTEMPT and k not in (HEADER_ATTEMPT_BASE, HEADER_FIRST_SEEN)}
+    headers[HEADER_ATTEMPT] = attempt
+    if base:
+        headers[HEADER_ATTEMPT_BASE] = base
+    if first_seen is not None:
+        headers[HEADER_FIRST_SEEN] = first_seen
+    if error is not None:
+        headers |= error_headers(error)
+    return headers
+
+
+def deferred_headers(incoming: Mapping[str, Any], *, attempt: int, base: int,
+                     first_seen: float | None) -> dict[str, Any]:
+    """The headers of a copy deferred before its attempt (``send_at``, quiet hours, a
+    daily limit, an open domain): the same attempt, the last failure kept.
+
+    Never the broker's ``x-death`` of an earlier trip: a copy that goes through a
+    delay level it went through before, carrying that history, is taken by the broker
+    for a dead-letter cycle and is stranded in the level's queue.
+    """
+    headers = copy_headers(attempt=attempt, base=base, first_seen=first_seen,
+                           carried=incoming)
+    headers |= {k: incoming[k] for k in (HEADER_ERROR_TYPE, HEADER_ERROR_CODE,
+                                          HEADER_LAST_ERROR) if k in incoming}
+    return headers
