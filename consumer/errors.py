@@ -9,6 +9,12 @@ from __future__ import annotations
 
 from enum import StrEnum
 
+from consumer.text import storable
+
+# What is kept of an error's text and code; both are stored and shown.
+MAX_MESSAGE = 2000
+MAX_CODE = 100
+
 
 class ErrorType(StrEnum):
     ACCESS_TOKEN = "access_token"
@@ -35,6 +41,8 @@ class DeliveryError(Exception):
     adapter may override it per code (e.g. a permanent ``provider_error``).
     ``provider_wide`` marks errors that say nothing about this message but
     about the whole channel (an expired token): they must not burn attempts.
+    ``message`` and ``code`` are made storable (:func:`consumer.text.storable`)
+    whatever text a provider or a library put into them.
     """
 
     def __init__(
@@ -47,6 +55,8 @@ class DeliveryError(Exception):
         retryable: bool | None = None,
         provider_wide: bool = False,
     ) -> None:
+        message = storable(message, MAX_MESSAGE)
+        code = None if code is None else storable(code, MAX_CODE)
         super().__init__(message)
         self.error_type = error_type
         self.code = code
