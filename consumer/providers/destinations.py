@@ -164,6 +164,17 @@ def literal_address(host: str) -> Address | None:
     return IPv4Address(value << (8 * (4 - len(head))) | last)
 
 
+def _canonical(host: str) -> bool:
+    text = host.strip()
+    if text.startswith("[") and text.endswith("]"):
+        text = text[1:-1]
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
 class DestinationNotAllowed(aiohttp.ClientConnectionError):
     """The destination resolves only to addresses the ``http`` channel may not reach."""
 
@@ -209,6 +220,10 @@ class GuardedConnector(aiohttp.TCPConnector):
         literal = literal_address(host)
         if literal is not None:
             problem = address_problem(literal, self.allow)
+            if problem is None and not _canonical(host):
+                # 127.1 or 2130706433 for an allowed address: no receiver is
+                # named so, and resolvers disagree about it; refused everywhere.
+                problem = "an IPv4 address in a legacy spelling"
             if problem is not None:
                 raise DestinationNotAllowed(host, str(literal), problem)
         return self.permitted(host, await super()._resolve_host(host, port, traces=traces))

@@ -256,6 +256,17 @@ async def test_a_refused_literal_never_reaches_the_resolver() -> None:
         await connector.close()
 
 
+async def test_legacy_spellings_are_refused_even_inside_an_allowed_network() -> None:
+    connector = GuardedConnector(allow=LOOPBACK_8)
+    try:
+        for host in ("127.1", "2130706433", "0x7f000001", "017700000001", "0177.0.0.1"):
+            with pytest.raises(DestinationNotAllowed) as caught:
+                await connector._resolve_host(host, 80)
+            assert "legacy spelling" in caught.value.reason
+    finally:
+        await connector.close()
+
+
 async def test_a_name_is_checked_on_what_the_resolver_answers() -> None:
     class Resolver:
         async def resolve(self, host: str, port: int = 0, family: int = 0) -> list[Any]:
