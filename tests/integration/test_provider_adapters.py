@@ -402,6 +402,28 @@ async def test_messenger_every_code_is_classified(
     assert_row(await failure(messenger, fb()), row)
 
 
+@pytest.mark.parametrize("auth,query,accepted", [
+    (f"Bearer {CREDS.messenger_page_token}", "", True),  # Herald's way
+    ("", f"?access_token={CREDS.messenger_page_token}", True),  # the way Meta's docs show
+    ("Bearer wrong-token", "", False),
+    (f"Basic {CREDS.messenger_page_token}", "", False),
+    ("", "", False),
+])
+async def test_sandbox_messenger_takes_the_page_token_in_a_header_or_the_query(
+    providers: RunningProviders, session: aiohttp.ClientSession, auth: str, query: str,
+    accepted: bool,
+) -> None:
+    payload = {"recipient": {"id": PSID}, "messaging_type": "UPDATE",
+               "message": {"text": "hi"}}
+    async with session.post(f"{providers.base_url}/v21.0/me/messages{query}", json=payload,
+                            headers={"Authorization": auth} if auth else {}) as response:
+        body = await response.json()
+    if accepted:
+        assert response.status == 200 and body["message_id"].startswith("m_")
+    else:
+        assert response.status != 200 and body["error"]["code"] == 190
+
+
 async def test_messenger_token_stays_out_of_errors_and_logs(
     provider_settings: Settings, session: aiohttp.ClientSession
 ) -> None:

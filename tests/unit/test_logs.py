@@ -235,3 +235,26 @@ def test_non_ascii_digits_are_not_taken_for_a_phone_number(number: str) -> None:
     # Not a phone number as Herald reads one (validation refuses it), so it is
     # masked as an identifier: no more than four characters show.
     assert mask_recipient(number) == "*" * (len(number) - 4) + number[-4:]
+
+
+def test_a_parked_copy_is_indexed_with_its_credential_headers_masked() -> None:
+    import uuid
+    from types import SimpleNamespace
+
+    from consumer.parking.passes import index_row
+    from consumer.topology import Names
+
+    message = SimpleNamespace(
+        body=b'{"message_id": "m-1", "channel": "http", "to": "https://h.example/x",'
+             b' "body": {}}',
+        message_id="m-1",
+        headers={"Authorization": "Bearer publisher-secret", "x-api-key": "k-123",
+                 "x-first-death-queue": "t.send.http", "x-first-death-reason": "delivery_limit",
+                 "trace": "abc"},
+    )
+    row = index_row(message, uuid.uuid4(), Names("t"))  # type: ignore[arg-type]
+    assert row["headers"]["Authorization"] == "***"
+    assert row["headers"]["x-api-key"] == "***"
+    assert row["headers"]["trace"] == "abc"
+    assert row["headers"]["x-first-death-reason"] == "delivery_limit"
+    assert "publisher-secret" not in json.dumps(row["headers"])
