@@ -84,8 +84,9 @@ def _mask_recipients(
     for key, value in event.items():
         if key in _MASKED_KEYS and isinstance(value, str):
             event[key] = mask_recipient(value)
-        elif isinstance(value, dict | list | tuple):
-            event[key] = mask_tree(list(value) if isinstance(value, tuple) else value)
+        elif isinstance(value, dict | list):
+            # Tuples are left alone: structlog's own exc_info is one.
+            event[key] = mask_tree(value)
     return event
 
 

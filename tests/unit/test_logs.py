@@ -180,16 +180,18 @@ def test_processor_masks_recipients_inside_nested_fields() -> None:
         "event": "webhook.received", "payload": raw,
         "request": {"to": PHONE, "body": "hi", "metadata": {"from": "+15550001111"}},
         "recipients": [{"to": PHONE}, {"to": "+15559876543"}],
-        "pair": ({"recipient": PSID},),
+        "pair": [[{"recipient": PSID}]],
+        "exc_info": (ValueError, ValueError("x"), None),
     }
     out = _mask_recipients(None, "info", event)
-    rendered = json.dumps(out)
+    rendered = json.dumps(out, default=repr)
     for secret in (PHONE, "15551234567", "+15550001111", "+15559876543", PSID):
         assert secret not in rendered, secret
     status = out["payload"]["entry"][0]["changes"][0]["value"]["statuses"][0]
     assert status["recipient_id"] == "15*******67"
     assert status["status"] == "failed"  # other fields stay as they were
     assert out["request"]["body"] == "hi"
+    assert isinstance(out["exc_info"], tuple)  # structlog's own field, untouched
     assert raw["entry"][0]["changes"][0]["value"]["statuses"][0]["recipient_id"] == \
         "15551234567"  # the caller's object is not modified
 
