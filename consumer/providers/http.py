@@ -15,6 +15,7 @@ is made), keeps no cookies, reads answers up to
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Callable
@@ -67,6 +68,10 @@ class HttpProvider:
         self.clock = clock
         self._limit = max(100, settings.prefetch * 2)
         self._connect_timeout_s = min(10.0, settings.send_timeout_s)
+        # A 2xx status means the endpoint took the message; its body only
+        # carries an id. Waiting for a slow body until the send deadline would
+        # turn an accepted send into a timeout, retried, so sent twice.
+        self._accepted_body_s = min(2.0, settings.send_timeout_s / 4)
         self._session: aiohttp.ClientSession | None = None
 
     @property
@@ -100,10 +105,10 @@ class HttpProvider:
             async with self.session.post(
                 request.to, data=data, headers=headers, allow_redirects=False
             ) as response:
-                body, cut = await read_capped(response)
-                text = body.decode("utf-8", "replace")
                 if 200 <= response.status < 300:
-                    return SendResult(None if cut else _answer_id(text))
+                    return SendResult(await self._accepted_id(response))
+                body, _ = await read_capped(response)
+                text = body.decode("utf-8", "replace")
                 error_type, retryable = classify_http_status(response.status)
                 raise DeliveryError(
                     error_type,
@@ -127,6 +132,20 @@ class HttpProvider:
                 ErrorType.NETWORK, shorten(redact_urls(f"{type(exc).__name__}: {exc}")),
                 retryable=True,
             ) from None
+
+    async def _accepted_id(self, response: aiohttp.ClientResponse) -> str | None:
+        """The id in a 2xx answer, if it comes in time; the send stands either way.
+
+        A body that is slow, cut off, undecodable or too long only costs the id:
+        the endpoint has the message, and an error here would send it again.
+        """
+        try:
+            async with asyncio.timeout(self._accepted_body_s):
+                body, cut = await read_capped(response)
+        except (TimeoutError, aiohttp.ClientError, OSError):
+            response.close()
+            return None
+        return None if cut else _answer_id(body.decode("utf-8", "replace"))
 
     async def close(self) -> None:
         if self._session is not None:

@@ -10,6 +10,7 @@ tests/unit/test_destinations.py.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import tracemalloc
@@ -293,6 +294,41 @@ async def test_an_accepted_send_is_recorded_whatever_id_the_endpoint_gives(
     assert found["provider_message_id"].startswith("odd\ufffdid\ufffd")
     assert len(found["provider_message_id"]) == 200
     assert len(target.seen) == 1
+
+
+async def test_an_accepted_send_with_a_stalled_or_broken_body_is_sent_once(
+    amqp: AbstractRobustConnection, prefix: str, db: asyncpg.Connection,
+    start_service: ServiceFactory, endpoint: EndpointFactory,
+) -> None:
+    """A 2xx status is acceptance: a body that stalls or breaks off afterwards
+    costs the id, never a second send (it used to become a retryable error)."""
+    release = asyncio.Event()
+
+    async def accept_then_misbehave(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(status=200, headers={"Content-Type": "application/json"})
+        response.content_length = 1000
+        await response.prepare(request)
+        await response.write(b'{"id": "never-fin')
+        if request.path.startswith("/stall"):
+            await release.wait()  # until the test ends
+        elif request.transport is not None:
+            request.transport.close()
+        return response
+
+    target = await endpoint(accept_then_misbehave)
+    service = await start_service()
+    try:
+        await publish_all(amqp, prefix, [request("stalled", target.url("/stall")),
+                                         request("broken", target.url("/broken"))])
+        await wait_status(db, ["stalled", "broken"], "sent")
+        await _settled(amqp, prefix, service)
+        for mid in ("stalled", "broken"):
+            found = await row(db, mid)
+            assert found is not None and found["attempts"] == 1
+            assert found["provider_message_id"] is None
+        assert sorted(s.path for s in target.seen) == ["/broken", "/stall"]
+    finally:
+        release.set()
 
 
 async def test_a_gzip_bomb_is_cut_after_decompression(
