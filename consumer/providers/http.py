@@ -15,7 +15,6 @@ is made), keeps no cookies, reads answers up to
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from collections.abc import Callable
@@ -34,7 +33,7 @@ from consumer.providers.destinations import (
     url_problem,
 )
 from consumer.providers.signing import SIGNATURE_HEADER, sign
-from consumer.providers.transport import read_capped
+from consumer.providers.transport import ACCEPTED_BODY_S, read_accepted, read_capped
 from consumer.settings import Settings
 from schemas import SendRequest
 
@@ -68,10 +67,8 @@ class HttpProvider:
         self.clock = clock
         self._limit = max(100, settings.prefetch * 2)
         self._connect_timeout_s = min(10.0, settings.send_timeout_s)
-        # A 2xx status means the endpoint took the message; its body only
-        # carries an id. Waiting for a slow body until the send deadline would
-        # turn an accepted send into a timeout, retried, so sent twice.
-        self._accepted_body_s = min(2.0, settings.send_timeout_s / 4)
+        # See transport.ACCEPTED_BODY_S; shorter when the send deadline is short.
+        self._accepted_body_s = min(ACCEPTED_BODY_S, settings.send_timeout_s / 4)
         self._session: aiohttp.ClientSession | None = None
 
     @property
@@ -134,18 +131,9 @@ class HttpProvider:
             ) from None
 
     async def _accepted_id(self, response: aiohttp.ClientResponse) -> str | None:
-        """The id in a 2xx answer, if it comes in time; the send stands either way.
-
-        A body that is slow, cut off, undecodable or too long only costs the id:
-        the endpoint has the message, and an error here would send it again.
-        """
-        try:
-            async with asyncio.timeout(self._accepted_body_s):
-                body, cut = await read_capped(response)
-        except (TimeoutError, aiohttp.ClientError, OSError):
-            response.close()
-            return None
-        return None if cut else _answer_id(body.decode("utf-8", "replace"))
+        """The id in a 2xx answer, if it comes whole and in time; the send stands either way."""
+        body = await read_accepted(response, self._accepted_body_s)
+        return None if body is None else _answer_id(body.decode("utf-8", "replace"))
 
     async def close(self) -> None:
         if self._session is not None:

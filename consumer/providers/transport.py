@@ -12,6 +12,7 @@ endpoint that answers more, or a gzip bomb, must not cost it memory.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -50,6 +51,26 @@ async def read_capped(response: aiohttp.ClientResponse, cap: int = MAX_ANSWER_BY
     return b"".join(chunks)[:cap], True
 
 
+#: How long the body of a 2xx answer may take once its status arrived. The
+#: provider has the message by then; its body only carries the id, and waiting
+#: for a slow one until the send deadline would turn an accepted send into a
+#: timeout, retried, so sent twice.
+ACCEPTED_BODY_S = 2.0
+
+
+async def read_accepted(response: aiohttp.ClientResponse, deadline_s: float = ACCEPTED_BODY_S
+                        ) -> bytes | None:
+    """The body of a 2xx answer, or None when it is slow, broken off,
+    undecodable or longer than the cap: the send stands either way."""
+    try:
+        async with asyncio.timeout(deadline_s):
+            body, cut = await read_capped(response)
+    except (TimeoutError, aiohttp.ClientError, OSError):
+        response.close()
+        return None
+    return None if cut else body
+
+
 @dataclass(frozen=True)
 class Answer:
     """What a provider answered: status, the body (parsed when it is JSON) and Retry-After."""
@@ -57,6 +78,7 @@ class Answer:
     status: int
     text: str
     retry_after: float | None
+    # True when the body was not read whole (too long; or, for a 2xx, too slow or broken).
     cut: bool = False
 
     @property
@@ -94,9 +116,13 @@ async def post(
         async with session.post(
             url, data=data, headers=headers, allow_redirects=False
         ) as response:
+            retry_after = parse_retry_after(response.headers.get("Retry-After"))
+            if 200 <= response.status < 300:
+                accepted = await read_accepted(response)
+                return Answer(response.status, (accepted or b"").decode("utf-8", "replace"),
+                              retry_after, cut=accepted is None)
             body, cut = await read_capped(response)
-            return Answer(response.status, body.decode("utf-8", "replace"),
-                          parse_retry_after(response.headers.get("Retry-After")), cut)
+            return Answer(response.status, body.decode("utf-8", "replace"), retry_after, cut)
     except aiohttp.InvalidURL:
         raise DeliveryError(
             ErrorType.OTHER, f"{provider}: the configured base URL is not usable", retryable=False

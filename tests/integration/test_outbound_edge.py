@@ -27,7 +27,7 @@ from aio_pika.abc import AbstractRobustConnection
 from aiohttp import web
 
 from consumer.errors import DeliveryError
-from consumer.providers.transport import MAX_ANSWER_BYTES, Answer, post
+from consumer.providers.transport import ACCEPTED_BODY_S, MAX_ANSWER_BYTES, Answer, post
 from consumer.providers.twilio import TwilioProvider, classify_twilio
 from consumer.sandbox.env import sandbox_env
 from consumer.settings import Settings
@@ -475,3 +475,30 @@ async def test_a_provider_error_answer_with_nul_is_storable(endpoint: EndpointFa
     assert error.error_type.value == "invalid_recipient" and error.code == "21211"
     assert "\x00" not in error.message
     error.message.encode("utf-8")
+
+
+async def test_a_provider_that_accepts_then_stalls_is_a_send_without_id(
+    endpoint: EndpointFactory,
+) -> None:
+    release = asyncio.Event()
+
+    async def accept_then_stall(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(status=201, headers={"Content-Type": "application/json"})
+        response.content_length = 500
+        await response.prepare(request)
+        await response.write(b'{"sid": "SM')
+        await release.wait()
+        return response
+
+    target = await endpoint(accept_then_stall)
+    settings = Settings.from_env(sandbox_env(target.port)).replace(
+        twilio_base_url=target.base_url)
+    try:
+        async with aiohttp.ClientSession() as session:
+            result = await asyncio.wait_for(TwilioProvider(settings, session).send(
+                SendRequest(message_id="t-3", channel="sms", to="+15551234567", body="hi"), 1),
+                ACCEPTED_BODY_S + 5)
+        assert result.provider_message_id is None  # accepted: not an error to retry
+        assert len(target.seen) == 1
+    finally:
+        release.set()
