@@ -341,6 +341,7 @@ async def measure_herald(
                     "HERALD_AMQP_URL": AMQP_URL, "HERALD_HTTP_PORT": str(ports[-1]),
                     "HERALD_HTTP_HOST": "127.0.0.1", "HERALD_PREFETCH": str(prefetch),
                     "HERALD_LOG_LEVEL": "warning",
+                    "HERALD_HTTP_ALLOW_NETWORKS": "127.0.0.0/8",  # the sandbox is on loopback
                 }
                 heralds.append(await start_process(["run", "--channels", "http"], env,
                                                    log_dir / "herald.log"))

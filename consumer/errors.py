@@ -9,6 +9,12 @@ from __future__ import annotations
 
 from enum import StrEnum
 
+from consumer.text import storable
+
+# What is kept of an error's text and code; both are stored and shown.
+MAX_MESSAGE = 2000
+MAX_CODE = 100
+
 
 class ErrorType(StrEnum):
     ACCESS_TOKEN = "access_token"
@@ -37,7 +43,9 @@ class DeliveryError(Exception):
     about the whole channel (an expired token): they must not burn attempts.
     ``about_recipient`` marks a transient failure the provider pins on the
     recipient (Twilio 30003, handset unreachable): retried, but no sign of an
-    outage.
+    outage. ``message`` and ``code`` are made storable
+    (:func:`consumer.text.storable`) whatever text a provider or a library put
+    into them.
     """
 
     def __init__(
@@ -51,6 +59,8 @@ class DeliveryError(Exception):
         provider_wide: bool = False,
         about_recipient: bool = False,
     ) -> None:
+        message = storable(message, MAX_MESSAGE)
+        code = None if code is None else storable(code, MAX_CODE)
         super().__init__(message)
         self.error_type = error_type
         self.code = code

@@ -5,14 +5,14 @@ from __future__ import annotations
 import logging
 import re
 import sys
-from collections.abc import MutableMapping
+from collections.abc import Mapping, MutableMapping
 from typing import Any
 from urllib.parse import urlsplit
 
 import structlog
 
 # E.164 numbers have at most 15 digits; longer all-digit ids are Messenger PSIDs.
-_PHONE_RE = re.compile(r"\+?\d{6,15}")
+_PHONE_RE = re.compile(r"\+?[0-9]{6,15}")
 
 
 def mask_recipient(value: str | None) -> str | None:
@@ -45,23 +45,48 @@ def mask_recipient(value: str | None) -> str | None:
 _MASKED_KEYS = frozenset({"to", "recipient", "recipient_id", "from", "from_", "To", "From"})
 
 
-def mask_tree(value: Any) -> Any:
+# Deeper than this a value is replaced, not walked: recursion must not fail on
+# hostile nesting, and what cannot be walked cannot be shown unmasked.
+MAX_MASK_DEPTH = 64
+TOO_DEEP = f"… (nested deeper than {MAX_MASK_DEPTH} levels)"
+
+
+def mask_tree(value: Any, _depth: int = 0) -> Any:
     """A JSON-like value with every recipient-like field masked, at any depth."""
+    if isinstance(value, dict | list) and _depth >= MAX_MASK_DEPTH:
+        return TOO_DEEP
     if isinstance(value, dict):
         return {k: mask_recipient(v) if k in _MASKED_KEYS and isinstance(v, str)
-                else mask_tree(v) for k, v in value.items()}
+                else mask_tree(v, _depth + 1) for k, v in value.items()}
     if isinstance(value, list):
-        return [mask_tree(v) for v in value]
+        return [mask_tree(v, _depth + 1) for v in value]
     return value
+
+
+# Header names whose values are credentials, whoever set them (a publisher's
+# AMQP headers are stored with a copy the broker parked).
+_SECRET_HEADER_RE = re.compile(
+    r"auth|token|secret|passw|cookie|api[-_]?key|signature|credential|session", re.IGNORECASE)
+
+
+def mask_headers(headers: Mapping[str, Any]) -> dict[str, Any]:
+    """``headers`` with the values of credential-like headers (Authorization,
+    ``*token*``, ``*secret*``, API keys, cookies, signatures) replaced by ``***``."""
+    return {k: "***" if _SECRET_HEADER_RE.search(str(k)) and v not in (None, "") else v
+            for k, v in headers.items()}
 
 
 def _mask_recipients(
     logger: Any, method: str, event: MutableMapping[str, Any]
 ) -> MutableMapping[str, Any]:
-    for key in _MASKED_KEYS:
-        value = event.get(key)
-        if isinstance(value, str):
+    """Mask recipients in an event's fields, and inside nested ones (a
+    provider's raw payload, a request logged whole) at any depth."""
+    for key, value in event.items():
+        if key in _MASKED_KEYS and isinstance(value, str):
             event[key] = mask_recipient(value)
+        elif isinstance(value, dict | list):
+            # Tuples are left alone: structlog's own exc_info is one.
+            event[key] = mask_tree(value)
     return event
 
 

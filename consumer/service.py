@@ -90,7 +90,8 @@ def build_providers(
     settings: Settings, session: aiohttp.ClientSession
 ) -> tuple[dict[str, Provider], dict[str, str]]:
     """Adapters for the channels whose credentials are set, and why the others are off."""
-    providers: dict[str, Provider] = {"http": HttpProvider(session)}
+    # The http channel has its own guarded session (consumer.providers.destinations).
+    providers: dict[str, Provider] = {"http": HttpProvider(settings)}
     inactive: dict[str, str] = {}
     adapters: dict[str, Any] = {
         "sms": TwilioProvider, "whatsapp": WhatsAppProvider, "messenger": MessengerProvider,
@@ -145,8 +146,9 @@ class Service:
 
         connector = aiohttp.TCPConnector(limit=max(100, s.prefetch * 2), limit_per_host=0,
                                          enable_cleanup_closed=True)
-        self.session = aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(
-            total=None, connect=min(10.0, s.send_timeout_s)))
+        self.session = aiohttp.ClientSession(
+            connector=connector, cookie_jar=aiohttp.DummyCookieJar(),
+            timeout=aiohttp.ClientTimeout(total=None, connect=min(10.0, s.send_timeout_s)))
         self.providers, self.channels.inactive = build_providers(s, self.session)
         self.channels.providers = self.providers
         self.pipeline = Pipeline(

@@ -6,6 +6,7 @@ whose message is one line naming the variable, which the CLI prints as is.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -83,6 +84,29 @@ def _text(raw: str) -> str:
     return raw
 
 
+def _networks(raw: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    networks = []
+    for part in (p.strip() for p in raw.split(",")):
+        if not part:
+            continue
+        try:
+            networks.append(ipaddress.ip_network(part, strict=False))
+        except ValueError:
+            raise ValueError(
+                f"{part[:50]!r} is not a network (comma-separated CIDRs like 127.0.0.0/8)"
+            ) from None
+    return tuple(networks)
+
+
+def _signing_secrets(raw: str) -> tuple[str, ...]:
+    secrets = tuple(p.strip() for p in raw.split(",") if p.strip())
+    if not secrets:
+        raise ValueError("must name at least one secret")
+    if any(len(s) < 16 for s in secrets):
+        raise ValueError("each secret must be at least 16 characters")
+    return secrets
+
+
 def _env(var: str, parse: Callable[[str], Any] = _text, default: Any = None) -> Any:
     """A dataclass field bound to an environment variable."""
     return field(default=default, metadata={"env": var, "parse": parse})
@@ -110,6 +134,12 @@ class Settings:
     retry_jitter: float = _env("HERALD_RETRY_JITTER", _float(0, 1), 0.1)
     delivery_limit: int = _env("HERALD_DELIVERY_LIMIT", _int(1, 1000), 20)
     pause_base_s: float = _env("HERALD_PAUSE_BASE_S", _float(0.1, 3600), 5.0)
+    # The http channel: networks it may reach although not public (none by
+    # default), and the secrets it signs its POSTs with (newest first).
+    http_allow_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = _env(
+        "HERALD_HTTP_ALLOW_NETWORKS", _networks, ())
+    http_signing_secrets: tuple[str, ...] = _env(
+        "HERALD_HTTP_SIGNING_SECRETS", _signing_secrets, ())
     http_rate: float = _env("HERALD_HTTP_RATE", _float(0, 100000), 0.0)
     sms_rate: float = _env("HERALD_SMS_RATE", _float(0, 100000), 0.0)
     whatsapp_rate: float = _env("HERALD_WHATSAPP_RATE", _float(0, 100000), 0.0)

@@ -143,6 +143,9 @@ def herald_env(prefix: str, db_url: str, **overrides: str) -> dict[str, str]:
         "HERALD_MAX_DELAY_S": "8",
         "HERALD_RETRY_JITTER": "0",
         "HERALD_SEND_TIMEOUT_S": "2",
+        # The tests' http endpoints (the sandbox, small apps) listen on loopback,
+        # which the http channel refuses unless allowed.
+        "HERALD_HTTP_ALLOW_NETWORKS": "127.0.0.0/8",
     }
     env.update(overrides)
     return env

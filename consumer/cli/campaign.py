@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from consumer.cli.common import add_json_flag, audit, count, positive, print_json, with_pool
 from consumer.cli.stats import print_stats
+from consumer.text import printable
 
 if TYPE_CHECKING:
     import asyncpg
@@ -61,7 +62,7 @@ async def _list(args: argparse.Namespace, settings: Settings, pool: asyncpg.Pool
         print_json(rows)
         return 0
     for item in rows:
-        print(f"{item['campaign_id']}  {item['name'] or ''}  max_attempts"
+        print(f"{printable(item['campaign_id'])}  {printable(item['name'] or '')}  max_attempts"
               f" {item['max_attempts'] or '-'}  base {item['base_delay_s'] or '-'}  max"
               f" {item['max_delay_s'] or '-'}  mode {item['retry_mode'] or '-'}")
     return 0
@@ -80,7 +81,7 @@ async def _create(args: argparse.Namespace, settings: Settings, pool: asyncpg.Po
     if args.json:
         print_json(saved | {"created": created})
     else:
-        print(f"{'created' if created else 'updated'} campaign {saved['campaign_id']}")
+        print(f"{'created' if created else 'updated'} campaign {printable(saved['campaign_id'])}")
     return 0
 
 
@@ -94,9 +95,11 @@ async def _show(args: argparse.Namespace, settings: Settings, pool: asyncpg.Pool
         print_json({"campaign": row, "stats": figures})
         return 0
     if row is None:
-        print(f"campaign {args.campaign_id} has no defaults of its own (no campaign row)")
+        print(f"campaign {printable(args.campaign_id)} has no defaults of its own"
+              " (no campaign row)")
     else:
-        print(f"campaign {row['campaign_id']}" + (f" ({row['name']})" if row["name"] else "")
+        print(f"campaign {printable(row['campaign_id'])}"
+              + (f" ({printable(row['name'])})" if row["name"] else "")
               + f", created {row['created_at']}")
     print_stats(figures)
     return 0

@@ -19,6 +19,7 @@ from typing import Any
 import asyncpg
 
 from consumer.settings import Settings
+from consumer.text import printable
 
 Handler = Callable[[argparse.Namespace, Settings], Awaitable[int]]
 PoolHandler = Callable[[argparse.Namespace, Settings, asyncpg.Pool], Awaitable[int]]
@@ -112,21 +113,24 @@ def with_pool(handler: PoolHandler) -> Handler:
 
 
 def fail(message: str) -> int:
-    print(f"herald: {message}", file=sys.stderr)
+    print(f"herald: {printable(message)}", file=sys.stderr)
     return 1
 
 
 def print_json(value: Any) -> None:
+    # json.dumps escapes every control character (and, with ensure_ascii, every
+    # non-ASCII one), so untrusted text in JSON output is safe for terminals.
     print(json.dumps(value, indent=2, default=str))
 
 
 def cut(text: str | None, width: int) -> str:
-    text = (text or "").replace("\n", " ")
+    """Untrusted text for one table cell: control characters escaped, cut to ``width``."""
+    text = printable((text or "").replace("\n", " "))
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
 def counts(by_type: dict[str, int]) -> str:
-    return ", ".join(f"{k} {v}" for k, v in sorted(by_type.items())) or "none"
+    return ", ".join(f"{printable(str(k))} {v}" for k, v in sorted(by_type.items())) or "none"
 
 
 def add_json_flag(parser: argparse.ArgumentParser) -> None:

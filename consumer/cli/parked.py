@@ -30,6 +30,7 @@ from consumer.cli.common import (
     with_pool,
 )
 from consumer.errors import ConfigError, ErrorType
+from consumer.text import printable
 from schemas.send_request import CHANNELS
 
 if TYPE_CHECKING:
@@ -132,9 +133,11 @@ async def _list(args: argparse.Namespace, settings: Settings, pool: asyncpg.Pool
         return 0
     header = ("ID", "PARKED AT (UTC)", "CHANNEL", "RECIPIENT", "CAMPAIGN", "ATT", "ERROR TYPE",
               "CODE", "LAST ERROR")
+    # Channel, error type and code of a copy the broker parked come from its headers.
     rows = [(str(r.parked_id)[:8], r.parked_at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S"),
-             r.channel, cut(r.to_json()["recipient"], 20), cut(r.campaign_id, 16),
-             str(r.attempts), r.error_type, cut(r.error_code, 8), cut(r.last_error, 60))
+             cut(r.channel, 12), cut(r.to_json()["recipient"], 20), cut(r.campaign_id, 16),
+             str(r.attempts), cut(r.error_type, 20), cut(r.error_code, 8),
+             cut(r.last_error, 60))
             for r in listing.rows]
     if rows:
         widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
@@ -158,6 +161,8 @@ async def _show(args: argparse.Namespace, settings: Settings, pool: asyncpg.Pool
         print_json(found)
         return 0
     p, m = found["parked"], found["message"]
+    # Every value below may come from a publisher or a provider: shown escaped.
+    p = {k: printable(str(v)) if v is not None else None for k, v in p.items()}
     print(f"parked {p['id']}  state {p['state']}"
           + (f" ({p['resolution']})" if p["resolution"] else ""))
     print(f"  message {p['message_id']}  channel {p['channel']}  to {p['recipient']}"
@@ -168,7 +173,7 @@ async def _show(args: argparse.Namespace, settings: Settings, pool: asyncpg.Pool
     print(f"  parked at {p['parked_at']}")
     print("headers:")
     for key, value in sorted(found["headers"].items()):
-        print(f"  {key}: {value}")
+        print(f"  {printable(str(key))}: {printable(str(value))}")
     print("body" + ("" if args.reveal else " (recipients masked; --reveal shows them)") + ":")
     print(_indent(found["body"]))
     if found["edited_body"] is not None:
@@ -183,7 +188,9 @@ async def _show(args: argparse.Namespace, settings: Settings, pool: asyncpg.Pool
 
 def _indent(value: Any) -> str:
     text = value if isinstance(value, str) else json.dumps(value, indent=2, ensure_ascii=False)
-    return "\n".join("  " + line for line in text.splitlines())
+    # Printed over several lines on purpose; str.splitlines would also split
+    # on \r, \x0b, \x1c… which printable() shows escaped instead.
+    return "\n".join("  " + line for line in printable(text, newlines=True).split("\n"))
 
 
 def _stop_on_signals() -> tuple[Callable[[], bool], Callable[[], None]]:
@@ -253,7 +260,8 @@ async def _replay(args: argparse.Namespace, settings: Settings,
               " delivered (would be removed, not sent)"
               + (f"; {len(report.skipped)} would be skipped" if report.skipped else ""))
         for item in report.items[:20]:
-            print(f"  {item['id'][:8]}  {item['message_id'] or '-'}  {item['error_type']}"
+            print(f"  {item['id'][:8]}  {printable(item['message_id'] or '-')}"
+                  f"  {printable(item['error_type'])}"
                   f"  attempt {item['attempt']}  {item['action']}"
                   + (f"  body {json.dumps(item['body'])}" if "body" in item else ""))
         if len(report.items) > 20:
@@ -263,8 +271,8 @@ async def _replay(args: argparse.Namespace, settings: Settings,
           f" ({counts(report.by_error_type)}); {report.already_delivered} already delivered"
           " or cancelled (removed, not sent again)")
     for item in report.skipped:
-        print(f"  skipped {item['id'][:8]} ({item['message_id'] or 'no message id'}):"
-              f" {item['why']}")
+        print(f"  skipped {item['id'][:8]} ({printable(item['message_id'] or 'no message id')}):"
+              f" {printable(item['why'])}")
     if report.not_found:
         print(f"  {report.not_found} selected message(s) were not in the parking queue")
     if report.truncated:
@@ -290,7 +298,7 @@ async def _reject(args: argparse.Namespace, settings: Settings,
         print(f"rejected {report.marked} (messages cancelled, reason recorded);"
               f" removed {report.removed} from the parking queue")
         for item in report.skipped or []:
-            print(f"  {item['id'][:8]}: {item['why']}")
+            print(f"  {item['id'][:8]}: {printable(item['why'])}")
     return 0 if not report.skipped else 1
 
 

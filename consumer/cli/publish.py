@@ -20,6 +20,7 @@ from consumer.delivery.pipeline import lane_of
 from consumer.errors import ConfigError
 from consumer.publisher import Publisher
 from consumer.settings import Settings
+from consumer.text import printable
 from consumer.topology import Names
 from schemas import SendRequest
 from schemas.send_request import CHANNELS
@@ -139,5 +140,5 @@ async def _publish(args: argparse.Namespace, settings: Settings) -> int:
             print(file=sys.stderr)
     print(f"accepted {accepted} message(s) (publisher confirms received)")
     if accepted == 1 and len(requests) == 1:
-        print(f"message_id {requests[0].message_id}")
+        print(f"message_id {printable(requests[0].message_id)}")
     return 0

@@ -6,6 +6,7 @@ import argparse
 from typing import TYPE_CHECKING, Any
 
 from consumer.cli.common import add_json_flag, count, counts, cut, print_json, with_pool
+from consumer.text import printable
 
 if TYPE_CHECKING:
     import asyncpg
@@ -26,7 +27,7 @@ def _percent(value: float | None) -> str:
 
 
 def print_stats(s: dict[str, Any]) -> None:
-    print(f"campaign {s['campaign']}" if s["campaign"] else "all messages")
+    print(f"campaign {printable(s['campaign'])}" if s["campaign"] else "all messages")
     totals = s["totals"]
     print(f"  messages {totals['all']}: "
           + ", ".join(f"{k} {v}" for k, v in totals.items() if k != "all" and v))
@@ -39,7 +40,7 @@ def print_stats(s: dict[str, Any]) -> None:
     if s["failures_by_error_type"]:
         print("  failures by error_type:")
         for name, f in s["failures_by_error_type"].items():
-            print(f"    {name:<18} attempts {f['failed_attempts']:<6} messages"
+            print(f"    {printable(name):<18} attempts {f['failed_attempts']:<6} messages"
                   f" {f['messages_affected']:<6} ended failed {f['messages_failed']:<6}"
                   f" last {f['last_failure_at']}")
     if s["by_attempt"]:
@@ -60,8 +61,9 @@ def print_stats(s: dict[str, Any]) -> None:
     if s["recent_errors"]:
         print("  most recent errors:")
         for e in s["recent_errors"]:
-            print(f"    {e['at']}  {e['message_id']} #{e['attempt']} {e['error_type']}"
-                  f" {e['error_code'] or '-'} {e['recipient']}: {cut(e['error'], 80)}")
+            print(f"    {e['at']}  {cut(e['message_id'], 200)} #{e['attempt']}"
+                  f" {cut(e['error_type'], 20)} {cut(e['error_code'] or '-', 20)}"
+                  f" {cut(e['recipient'], 200)}: {cut(e['error'], 80)}")
 
 
 async def _stats(args: argparse.Namespace, settings: Settings, pool: asyncpg.Pool) -> int:

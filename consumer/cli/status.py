@@ -17,6 +17,7 @@ import asyncpg
 from consumer.logs import mask_recipient
 from consumer.records.history import STATUS_TIMES, MessageStatus, iso, load_status
 from consumer.settings import Settings
+from consumer.text import printable
 
 
 def add_parser(sub: Any, parser_class: type[argparse.ArgumentParser]) -> None:
@@ -28,15 +29,23 @@ def add_parser(sub: Any, parser_class: type[argparse.ArgumentParser]) -> None:
 
 
 def render(status: MessageStatus, *, reveal: bool = False) -> str:
-    """The human form: a header, then the history one event a line."""
-    m = status.message
+    """The human form: a header, then the history one event a line.
+
+    Ids, recipients, error texts and history lines come from publishers and
+    providers: their control characters are shown escaped, and none of them
+    can start a line of its own.
+    """
+    m: dict[str, Any] = {k: printable(v) if isinstance(v, str) else v
+                         for k, v in status.message.items()}
+    recipient = status.message["recipient"] if reveal else mask_recipient(
+        status.message["recipient"])
     via = m["channel"] + (f" via {m['provider']}" if m["provider"] else "")
     if m["provider_message_id"]:
         via += f", provider id {m['provider_message_id']}"
     lines = [
         f"message   {m['message_id']}",
         f"status    {m['status']}  ({via})",
-        f"to        {m['recipient'] if reveal else mask_recipient(m['recipient'])}"
+        f"to        {printable(recipient or '')}"
         + (f"   campaign {m['campaign_id']}" if m["campaign_id"] else ""),
         f"attempts  {m['attempts']}"
         + (f"   next at {iso(m['next_attempt_at'])}" if m["next_attempt_at"] else ""),
@@ -55,7 +64,7 @@ def render(status: MessageStatus, *, reveal: bool = False) -> str:
         lines.append("  (none)")
     width = max((len(e.kind) for e in status.history), default=0)
     for entry in status.history:
-        lines.append(f"  {iso(entry.at)}  {entry.kind:<{width}}  {entry.what}")
+        lines.append(f"  {iso(entry.at)}  {entry.kind:<{width}}  {printable(entry.what)}")
     return "\n".join(lines)
 
 
@@ -66,7 +75,7 @@ async def _status(args: argparse.Namespace, settings: Settings) -> int:
     finally:
         await conn.close()
     if status is None:
-        print(f"herald: no message {args.message_id!r}", file=sys.stderr)
+        print(f"herald: no message {printable(repr(args.message_id))}", file=sys.stderr)
         return 1
     if args.json:
         print(json.dumps(status.to_json(reveal=args.reveal), indent=2))

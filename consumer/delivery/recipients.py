@@ -10,10 +10,12 @@ from __future__ import annotations
 import re
 from urllib.parse import urlsplit
 
-E164_RE = re.compile(r"^\+[1-9]\d{6,14}$")
+# [0-9], not \d: \d also matches Arabic-Indic, full-width and other digits,
+# which no provider takes and which would slip past the masking of logs.
+E164_RE = re.compile(r"^\+[1-9][0-9]{6,14}$")
 # A page-scoped id is a decimal number, 15-17 digits today; we accept a wider
 # range so a change of length at Meta does not park good traffic.
-PSID_RE = re.compile(r"^[0-9]{5,32}$")
+PSID_RE = re.compile(r"^[0-9]{5,32}$")  # ASCII digits only, like E164_RE
 
 
 def validate_recipient(channel: str, to: str) -> str | None:

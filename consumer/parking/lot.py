@@ -24,7 +24,7 @@ import aio_pika
 import asyncpg
 import structlog
 
-from consumer.logs import mask_recipient, mask_tree
+from consumer.logs import mask_headers, mask_recipient, mask_tree
 from consumer.parking.passes import (
     Conn,
     Delivery,
@@ -314,7 +314,7 @@ async def show(pool: asyncpg.Pool, parked_id: uuid.UUID, *, reveal: bool = False
         "body": masked(_body_view(bytes(row["body"]))),
         "edited_body": masked(_body_view(bytes(row["replay_body"])))
         if row["replay_body"] is not None else None,
-        "headers": row["headers"],
+        "headers": mask_headers(row["headers"] or {}),
         "message": masked(dict(message)) if message else None,
         "attempts": of_kind("attempt"),
         "provider_events": of_kind("event"),

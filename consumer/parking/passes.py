@@ -49,6 +49,7 @@ from aio_pika.abc import (
 from asyncpg.pool import PoolConnectionProxy
 from pydantic import ValidationError
 
+from consumer.logs import mask_headers
 from consumer.topology import Names
 from consumer.wire import (
     HEADER_ATTEMPT,
@@ -195,7 +196,7 @@ def index_row(message: AbstractIncomingMessage, parked_id: uuid.UUID,
         "last_error": last_error[:2000],
         "parked_at": parked_at,
         "body": message.body,
-        "headers": jsonable(headers),
+        "headers": jsonable(mask_headers(headers)),
     }
 
 

@@ -13,6 +13,7 @@ from typing import Any, NamedTuple
 
 from consumer.errors import RETRYABLE_BY_DEFAULT, DeliveryError, ErrorType
 from consumer.logs import mask_recipient
+from consumer.text import storable
 
 # Error text is stored and shown to operators; keep it to a readable size.
 MAX_ERROR_TEXT = 300
@@ -84,8 +85,27 @@ def make_error(rule_: Rule, message: str, *, code: str, retry_after: float | Non
 
 
 def shorten(text: str) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= MAX_ERROR_TEXT else text[: MAX_ERROR_TEXT - 1] + "…"
+    """Error text as it is stored: one line, storable in PostgreSQL, at most
+    :data:`MAX_ERROR_TEXT` characters."""
+    return storable(" ".join(text.split()), MAX_ERROR_TEXT)
+
+
+_URL_RE = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)([^/?#\s'\"<>]*)[^\s'\"<>]*")
+
+
+def redact_urls(text: str) -> str:
+    """``text`` with every URL cut to its scheme and host (``https://host/…``).
+
+    Paths and query strings carry ids and tokens (a webhook URL with its
+    key, an API URL with an account); error text is stored and shown.
+    Credentials before the host go too.
+    """
+    def short(match: re.Match[str]) -> str:
+        host = match.group(2).rpartition("@")[2]
+        rest = match.group(0)[len(match.group(1)) + len(match.group(2)):]
+        return f"{match.group(1)}{host}" + ("/…" if rest else "")
+
+    return _URL_RE.sub(short, text)
 
 
 def redact(text: str, secrets: Iterable[str | None]) -> str:
@@ -131,7 +151,7 @@ def scrubbed(error: DeliveryError, recipient: str, secrets: Iterable[str | None]
     """A copy of ``error`` whose text has the recipient masked and secrets removed."""
     return DeliveryError(
         error.error_type,
-        redact(mask_recipient_in(error.message, recipient), secrets),
+        redact(redact_urls(mask_recipient_in(error.message, recipient)), secrets),
         code=error.code,
         retry_after=error.retry_after,
         retryable=error.retryable,
@@ -146,6 +166,6 @@ def as_int(value: Any) -> int | None:
         return None
     if isinstance(value, int):
         return value
-    if isinstance(value, str) and value.strip().isdigit():
+    if isinstance(value, str) and value.strip().isascii() and value.strip().isdigit():
         return int(value.strip())
     return None

@@ -1,10 +1,11 @@
 """The ``messenger`` channel through the Messenger Send API.
 
-``POST {base}/{version}/me/messages?access_token=PAGE_TOKEN`` with
-``{"recipient": {"id": PSID}, "messaging_type": "UPDATE", "message":
-{"text": ...}}``; the answer's ``message_id`` (``m_…``) is the provider
-message id. The token travels in the query string, so the URL never appears
-in error text or logs.
+``POST {base}/{version}/me/messages`` with ``{"recipient": {"id": PSID},
+"messaging_type": "UPDATE", "message": {"text": ...}}``; the answer's
+``message_id`` (``m_…``) is the provider message id. The page token goes in
+an ``Authorization: Bearer`` header, which the Graph API accepts as it does
+the ``access_token`` query parameter its documentation shows: a query string
+ends up in proxies' and servers' access logs, a header does not.
 """
 
 from __future__ import annotations
@@ -100,7 +101,8 @@ class MessengerProvider:
             answer = await graph_send(
                 self.session, self.url, messenger_payload(request),
                 provider="Messenger", table=MESSENGER_ERRORS, recipient=request.to,
-                secrets=(self._token,), params={"access_token": self._token},
+                secrets=(self._token,),
+                headers={"Authorization": f"Bearer {self._token}"},
             )
         except DeliveryError as error:
             log.info("messenger.rejected", code=error.code, error_type=error.error_type.value,

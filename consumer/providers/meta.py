@@ -111,7 +111,6 @@ async def graph_send(
     recipient: str,
     secrets: Iterable[str],
     headers: Mapping[str, str] | None = None,
-    params: Mapping[str, str] | None = None,
 ) -> Any:
     """POST ``payload`` as JSON; the parsed success answer, or the classified error raised."""
     secrets = tuple(secrets)
@@ -120,7 +119,6 @@ async def graph_send(
         url,
         data=json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode(),
         headers={"Content-Type": "application/json", **(headers or {})},
-        params=params,
         secrets=secrets,
         provider=provider,
     )

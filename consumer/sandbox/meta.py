@@ -3,7 +3,9 @@
 - ``POST /{version}/{phone_number_id}/messages`` (WhatsApp): Bearer token,
   text or template messages; answers ``{"messaging_product": "whatsapp",
   "contacts": [...], "messages": [{"id": "wamid.…"}]}``.
-- ``POST /{version}/me/messages?access_token=…`` (Messenger): answers
+- ``POST /{version}/me/messages`` (Messenger): the page token as a Bearer
+  token (Herald's way) or an ``access_token`` query parameter (the way
+  Meta's documentation shows; the real API takes both); answers
   ``{"recipient_id": PSID, "message_id": "m_…"}``.
 
 Errors use Graph's ``{"error": {"message", "type", "code", "error_subcode",

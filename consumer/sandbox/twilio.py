@@ -33,7 +33,7 @@ API_VERSION = "2010-04-01"
 MAX_BODY = 1600
 # Twilio normalises many number formats; the sandbox insists on E.164, as
 # Herald always sends it.
-_E164 = re.compile(r"^\+[1-9]\d{6,14}$")
+_E164 = re.compile(r"^\+[1-9][0-9]{6,14}$")
 
 # The message Twilio gives with each code the sandbox can answer.
 MESSAGES: dict[int, str] = {

@@ -33,6 +33,8 @@ while IFS= read -r line; do
     [[ -n "${!name:-}" ]] || eval "$line"
 done < <("$REPO/.venv/bin/python" -m consumer.sandbox "$SANDBOX_PORT")
 export HERALD_PUBLIC_URL="${HERALD_PUBLIC_URL:-http://127.0.0.1:${HERALD_HTTP_PORT:-8080}}"
+# The sandbox's http endpoints are on loopback, which the http channel refuses by default.
+export HERALD_HTTP_ALLOW_NETWORKS="${HERALD_HTTP_ALLOW_NETWORKS:-127.0.0.0/8}"
 export HERALD_ADMIN_TOKEN="${HERALD_ADMIN_TOKEN:-demo-admin-token}"
 
 "$HERALD" sandbox --port "$SANDBOX_PORT" > "$REPO/.local/sandbox.log" 2>&1 &

@@ -213,6 +213,7 @@ async def stack(prefix: str, db_url: str, tmp_path: Path) -> AsyncIterator[Stack
             "HERALD_BASE_DELAY_S": "1", "HERALD_MAX_DELAY_S": "2", "HERALD_RETRY_JITTER": "0",
             "HERALD_MAX_ATTEMPTS": "3", "HERALD_SEND_TIMEOUT_S": "5",
             "HERALD_ADMIN_TOKEN": ADMIN_TOKEN,
+            "HERALD_HTTP_ALLOW_NETWORKS": "127.0.0.0/8",  # the sandbox's http endpoints
         }
         for role, port in ports.items():
             await start(stack, f"herald-{role}",

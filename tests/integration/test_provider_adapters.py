@@ -385,8 +385,9 @@ async def test_messenger_send_is_exactly_the_documented_request(
     assert result.provider_message_id.startswith("m_")
     [record] = providers.sandbox.received
     assert (record.provider, record.status, record.recipient) == ("messenger", 200, PSID)
-    assert record.path == f"/v21.0/me/messages?access_token={CREDS.messenger_page_token}"
-    assert "Authorization" not in record.headers
+    # The page token travels in a header, never in the URL (access logs keep URLs).
+    assert record.path == "/v21.0/me/messages"
+    assert record.headers["Authorization"] == f"Bearer {CREDS.messenger_page_token}"
     assert record.raw == (f'{{"recipient":{{"id":"{PSID}"}},"messaging_type":"UPDATE",'
                           f'"message":{{"text":"Hello"}}}}')
 
@@ -401,14 +402,39 @@ async def test_messenger_every_code_is_classified(
     assert_row(await failure(messenger, fb()), row)
 
 
+@pytest.mark.parametrize("auth,query,accepted", [
+    (f"Bearer {CREDS.messenger_page_token}", "", True),  # Herald's way
+    ("", f"?access_token={CREDS.messenger_page_token}", True),  # the way Meta's docs show
+    ("Bearer wrong-token", "", False),
+    (f"Basic {CREDS.messenger_page_token}", "", False),
+    ("", "", False),
+])
+async def test_sandbox_messenger_takes_the_page_token_in_a_header_or_the_query(
+    providers: RunningProviders, session: aiohttp.ClientSession, auth: str, query: str,
+    accepted: bool,
+) -> None:
+    payload = {"recipient": {"id": PSID}, "messaging_type": "UPDATE",
+               "message": {"text": "hi"}}
+    async with session.post(f"{providers.base_url}/v21.0/me/messages{query}", json=payload,
+                            headers={"Authorization": auth} if auth else {}) as response:
+        body = await response.json()
+    if accepted:
+        assert response.status == 200 and body["message_id"].startswith("m_")
+    else:
+        assert response.status != 200 and body["error"]["code"] == 190
+
+
 async def test_messenger_token_stays_out_of_errors_and_logs(
     provider_settings: Settings, session: aiohttp.ClientSession
 ) -> None:
-    # An endpoint that quotes the request URL back, token and all.
+    # An endpoint that quotes the request back, token and all: the Authorization
+    # header, and the URL as if the token were in its query string.
     async def echo(request: web.Request) -> web.Response:
+        token = request.headers["Authorization"].removeprefix("Bearer ")
         return web.json_response({"error": {
-            "message": f"(#100) Bad request to {request.path_qs}", "type": "OAuthException",
-            "code": 100, "fbtrace_id": "x"}}, status=400)
+            "message": f"(#100) Bad request with {request.headers['Authorization']} to"
+                       f" {request.url.with_query(access_token=token)}",
+            "type": "OAuthException", "code": 100, "fbtrace_id": "x"}}, status=400)
 
     app = web.Application()
     app.router.add_post("/{tail:.*}", echo)

@@ -168,3 +168,95 @@ def test_masking_comes_before_rendering_in_the_configured_chain(
     processors = structlog.get_config()["processors"]
     assert processors[0] is structlog.contextvars.merge_contextvars
     assert processors.index(_mask_recipients) < len(processors) - 1
+
+
+# -- nested fields, headers, hostile shapes -------------------------------------------
+
+
+def test_processor_masks_recipients_inside_nested_fields() -> None:
+    raw = {"entry": [{"changes": [{"value": {"statuses": [
+        {"id": "wamid.1", "recipient_id": "15551234567", "status": "failed"}]}}]}]}
+    event: dict[str, Any] = {
+        "event": "webhook.received", "payload": raw,
+        "request": {"to": PHONE, "body": "hi", "metadata": {"from": "+15550001111"}},
+        "recipients": [{"to": PHONE}, {"to": "+15559876543"}],
+        "pair": [[{"recipient": PSID}]],
+        "exc_info": (ValueError, ValueError("x"), None),
+    }
+    out = _mask_recipients(None, "info", event)
+    rendered = json.dumps(out, default=repr)
+    for secret in (PHONE, "15551234567", "+15550001111", "+15559876543", PSID):
+        assert secret not in rendered, secret
+    status = out["payload"]["entry"][0]["changes"][0]["value"]["statuses"][0]
+    assert status["recipient_id"] == "15*******67"
+    assert status["status"] == "failed"  # other fields stay as they were
+    assert out["request"]["body"] == "hi"
+    assert isinstance(out["exc_info"], tuple)  # structlog's own field, untouched
+    assert raw["entry"][0]["changes"][0]["value"]["statuses"][0]["recipient_id"] == \
+        "15551234567"  # the caller's object is not modified
+
+
+def test_mask_tree_survives_hostile_nesting() -> None:
+    deep: Any = {"to": PHONE}
+    for _ in range(5000):
+        deep = {"a": [deep]}
+    masked = logs.mask_tree(deep)
+    assert PHONE not in json.dumps(masked)
+    depth, node = 0, masked
+    while isinstance(node, dict):
+        node = node["a"][0]
+        depth += 2
+    assert node == logs.TOO_DEEP
+    assert depth <= logs.MAX_MASK_DEPTH
+
+
+@pytest.mark.parametrize("name", [
+    "Authorization", "authorization", "Proxy-Authorization", "X-Api-Key", "api_key",
+    "X-Auth-Token", "access_token", "Cookie", "Set-Cookie", "X-Hub-Signature-256",
+    "client_secret", "password", "X-Session-Id",
+])
+def test_credential_like_headers_are_masked(name: str) -> None:
+    headers = {name: "s3cr3t-value", "x-herald-error-type": "network", "x-death": [{"count": 1}]}
+    masked = logs.mask_headers(headers)
+    assert masked[name] == "***"
+    assert masked["x-herald-error-type"] == "network"
+    assert masked["x-death"] == [{"count": 1}]
+
+
+def test_herald_headers_are_never_taken_for_credentials() -> None:
+    from consumer import wire
+
+    names = [v for k, v in vars(wire).items() if k.startswith("HEADER_") and isinstance(v, str)]
+    assert names
+    headers = {name: "kept" for name in names}
+    assert logs.mask_headers(headers) == headers
+
+
+@pytest.mark.parametrize("number", ["+١٥٥٥١٢٣٤٥٦٧", "+１５５５１２３４５６７"])
+def test_non_ascii_digits_are_not_taken_for_a_phone_number(number: str) -> None:
+    # Not a phone number as Herald reads one (validation refuses it), so it is
+    # masked as an identifier: no more than four characters show.
+    assert mask_recipient(number) == "*" * (len(number) - 4) + number[-4:]
+
+
+def test_a_parked_copy_is_indexed_with_its_credential_headers_masked() -> None:
+    import uuid
+    from types import SimpleNamespace
+
+    from consumer.parking.passes import index_row
+    from consumer.topology import Names
+
+    message = SimpleNamespace(
+        body=b'{"message_id": "m-1", "channel": "http", "to": "https://h.example/x",'
+             b' "body": {}}',
+        message_id="m-1",
+        headers={"Authorization": "Bearer publisher-secret", "x-api-key": "k-123",
+                 "x-first-death-queue": "t.send.http", "x-first-death-reason": "delivery_limit",
+                 "trace": "abc"},
+    )
+    row = index_row(message, uuid.uuid4(), Names("t"))  # type: ignore[arg-type]
+    assert row["headers"]["Authorization"] == "***"
+    assert row["headers"]["x-api-key"] == "***"
+    assert row["headers"]["trace"] == "abc"
+    assert row["headers"]["x-first-death-reason"] == "delivery_limit"
+    assert "publisher-secret" not in json.dumps(row["headers"])

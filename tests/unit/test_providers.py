@@ -14,7 +14,7 @@ import aiohttp
 import pytest
 
 from consumer.delivery.backoff import parse_retry_after
-from consumer.errors import ConfigError, DeliveryError
+from consumer.errors import ConfigError, DeliveryError, ErrorType
 from consumer.providers.classify import mask_recipient_in, redact, status_rule
 from consumer.providers.messenger import (
     MESSENGER_ERRORS,
@@ -286,6 +286,79 @@ def test_messenger_payload() -> None:
     assert messenger_payload(send("messenger", "1234567890123456", "hello")) == {
         "recipient": {"id": "1234567890123456"}, "messaging_type": "UPDATE",
         "message": {"text": "hello"}}
+
+
+# -- what an adapter hands on is storable and free of secrets --------------------------------
+
+
+def test_send_result_ids_are_storable_and_bounded() -> None:
+    from consumer.providers.base import MAX_PROVIDER_MESSAGE_ID, SendResult
+
+    assert SendResult("SM123").provider_message_id == "SM123"
+    assert SendResult("id\x00with\ud800odd").provider_message_id == "id\ufffdwith\ufffdodd"
+    long_id = SendResult("x" * 100_000).provider_message_id
+    assert long_id is not None and len(long_id) == MAX_PROVIDER_MESSAGE_ID
+    assert SendResult("   ").provider_message_id is None
+    assert SendResult(None).provider_message_id is None
+
+
+def test_delivery_errors_are_storable_whatever_their_text() -> None:
+    from consumer.errors import MAX_MESSAGE
+
+    error = DeliveryError(ErrorType.PROVIDER_ERROR, "bad\x00answer\udc80" + "y" * 10_000,
+                          code="c\x00" * 100)
+    assert "\x00" not in error.message and "\udc80" not in error.message
+    error.message.encode("utf-8")
+    assert len(error.message) == MAX_MESSAGE
+    assert error.code is not None and "\x00" not in error.code and len(error.code) <= 100
+    assert "\x00" not in repr(error)
+
+
+def test_classified_answers_with_nul_and_surrogates_are_storable() -> None:
+    body = {"code": 21211, "message": "bad \x00 number \ud800", "status": 400}
+    error = classify_twilio(400, body)
+    error.message.encode("utf-8")
+    assert "\x00" not in error.message
+    graph = classify_whatsapp(400, {"error": {"code": 100, "message": "x\x00\udfff" * 500}})
+    graph.message.encode("utf-8")
+    assert len(graph.message) <= 300
+
+
+@pytest.mark.parametrize("text,shown", [
+    ("GET https://graph.facebook.com/v21.0/me/messages?access_token=EAAG123 failed",
+     "GET https://graph.facebook.com/… failed"),
+    ("to http://user:pw@hooks.example.com:8443/k/abc?sig=1#x", "to http://hooks.example.com:8443/…"),
+    ("host only http://example.com", "host only http://example.com"),
+    ("'https://a.example/x?y' and \"http://b.example/z\"",
+     "'https://a.example/…' and \"http://b.example/…\""),
+    ("no url here", "no url here"),
+])
+def test_urls_are_cut_to_their_host_in_error_text(text: str, shown: str) -> None:
+    from consumer.providers.classify import redact_urls
+
+    assert redact_urls(text) == shown
+
+
+def test_scrubbed_errors_carry_no_url_path_or_token() -> None:
+    from consumer.providers.classify import scrubbed
+
+    token = "EAAGpage-token"
+    error = scrubbed(DeliveryError(
+        ErrorType.INVALID_REQUEST,
+        f"Bad request to https://graph.facebook.com/v21.0/me/messages?access_token={token}"
+        f" with Bearer {token}"), "1234567890123456", [token])
+    assert token not in error.message and token not in repr(error)
+    assert "access_token" not in error.message
+    assert "https://graph.facebook.com/…" in error.message
+
+
+def test_provider_codes_take_ascii_digits_only() -> None:
+    from consumer.providers.classify import as_int
+
+    assert as_int("21211") == 21211
+    assert as_int(" 190 ") == 190
+    assert as_int("٢١٢١١") is None  # Arabic-Indic digits
+    assert as_int("２１２１１") is None  # full-width digits
 
 
 # -- construction -----------------------------------------------------------------------------

@@ -67,3 +67,21 @@ def test_other_urls_are_refused(to: str) -> None:
 
 def test_unknown_channel() -> None:
     assert validate_recipient("fax", "+15551234567") == "unknown channel 'fax'"
+
+
+@pytest.mark.parametrize("channel", ["sms", "whatsapp"])
+@pytest.mark.parametrize("to", [
+    "+١٥٥٥١٢٣٤٥٦٧",  # Arabic-Indic digits
+    "+۱۵۵۵۱۲۳۴۵۶۷",  # Extended Arabic-Indic (Persian) digits
+    "+１５５５１２３４５６７",  # full-width digits
+    "+1555१२३४५६७",  # Devanagari digits after ASCII ones
+    "+1555123456\u0967",  # one non-ASCII digit at the end
+])
+def test_phone_numbers_take_ascii_digits_only(channel: str, to: str) -> None:
+    reason = validate_recipient(channel, to)
+    assert reason is not None and "E.164" in reason
+
+
+@pytest.mark.parametrize("to", ["１２３４５６７８９０１２３４５６", "٢٤٠١١٢٣٤٥٦٧٨٩٠١٢"])
+def test_psids_take_ascii_digits_only(to: str) -> None:
+    assert validate_recipient("messenger", to) is not None
