@@ -19,6 +19,7 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import cast
 
 import structlog
 from aiohttp import web
@@ -141,8 +142,8 @@ class _Guard(asyncio.Protocol):
         self.timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # A stream transport, though uvloop's is no subclass of asyncio.Transport.
+        self.transport = cast(asyncio.Transport, transport)
         self.listener.guards[self.inner] = self
         self._arm(self.listener.deadlines.head_s)
         self.inner.connection_made(transport)

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aiohttp
 import pytest
+import uvloop
 from aiohttp import web
 from prometheus_client import REGISTRY
 from structlog.testing import capture_logs
@@ -135,8 +136,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 SHORT = Deadlines(head_s=1.0, request_s=1.5, idle_s=3.0, linger_s=0.5)
 
 
-@pytest.fixture
-async def listener() -> AsyncIterator[Listener]:
+def short_listener() -> Listener:
     """A listener with short deadlines around an app that reads whole bodies."""
 
     async def echo(request: web.Request) -> web.Response:
@@ -148,7 +148,12 @@ async def listener() -> AsyncIterator[Listener]:
     app = web.Application()
     app.router.add_post("/echo", echo)
     app.router.add_get("/ok", ok)
-    listener = Listener("test", app, "127.0.0.1", 0, SHORT)
+    return Listener("test", app, "127.0.0.1", 0, SHORT)
+
+
+@pytest.fixture
+async def listener() -> AsyncIterator[Listener]:
+    listener = short_listener()
     await listener.start()
     yield listener
     await listener.stop()
@@ -224,6 +229,28 @@ async def test_keep_alive_outlasts_the_head_deadline_then_idles_out(listener: Li
     finally:
         writer.close()
     assert SHORT.idle_s - 0.3 <= idle <= SHORT.idle_s + 1.5
+
+
+def test_the_deadlines_hold_under_uvloop() -> None:
+    """`herald run` uses uvloop, whose transports the guard wraps as well."""
+
+    async def scenario() -> None:
+        listener = short_listener()
+        await listener.start()
+        try:
+            async with aiohttp.ClientSession() as session:
+                assert await status_of(session, "GET", f"{url_of(listener)}/ok") == 200
+                async with session.post(f"{url_of(listener)}/echo", data=b"x" * 5000) as r:
+                    assert (r.status, await r.text()) == (200, "5000")
+            elapsed, received = await trickle(url_of(listener), SLOW_HEAD, 0.2, timeout_s=10)
+            assert received == b""
+            assert SHORT.head_s - 0.2 <= elapsed <= SHORT.head_s + 1
+        finally:
+            await listener.stop()
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        assert type(runner.get_loop()).__module__.startswith("uvloop")
+        runner.run(asyncio.wait_for(scenario(), 20))
 
 
 # -- /readyz -------------------------------------------------------------------------------
