@@ -58,7 +58,7 @@ for _ in $(seq 1 120); do
 done
 is_ready || die "herald run not ready after 60 s; see .local/herald.log"
 echo "herald is running (logs: .local/herald.log, sandbox: .local/sandbox.log)"
-echo "  webhooks:                  http://$HERALD_HTTP_HOST:${HERALD_HTTP_PORT:-8080}/webhooks/"
+echo "  webhooks:                    http://$HERALD_HTTP_HOST:${HERALD_HTTP_PORT:-8080}/webhooks/"
 echo "  admin API, console, metrics: http://$HERALD_ADMIN_HOST:${HERALD_ADMIN_PORT:-8081}/"
 echo
 
