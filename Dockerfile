@@ -30,11 +30,15 @@ ENV PATH=/opt/herald/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     HERALD_HTTP_HOST=0.0.0.0 \
-    HERALD_HTTP_PORT=8080
+    HERALD_HTTP_PORT=8080 \
+    HERALD_ADMIN_PORT=8081
 WORKDIR /app
 # Numeric, so that Kubernetes' runAsNonRoot can verify it.
 USER 10001:10001
-EXPOSE 8080
+# 8080: the public listener (webhooks, /healthz, /readyz). 8081: the admin
+# listener (admin API, console, /metrics), on the container's loopback unless
+# HERALD_ADMIN_HOST says otherwise (Compose and Kubernetes set 0.0.0.0).
+EXPOSE 8080 8081
 # /healthz answers while the event loop runs; readiness (/readyz) is for orchestrators.
 HEALTHCHECK --interval=10s --timeout=3s --start-period=20s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('HERALD_HTTP_PORT', '8080'), timeout=2)"]

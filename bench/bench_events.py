@@ -61,6 +61,7 @@ def herald_env(fx: Fixture, port: int) -> dict[str, str]:
         "HERALD_PREFIX": fx.prefix, "HERALD_DATABASE_URL": fx.db_url,
         "HERALD_AMQP_URL": AMQP_URL, "HERALD_HTTP_PORT": str(port),
         "HERALD_HTTP_HOST": "127.0.0.1", "HERALD_LOG_LEVEL": "warning",
+        "HERALD_ADMIN_PORT": str(free_port()),
     }
 
 

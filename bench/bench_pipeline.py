@@ -333,14 +333,15 @@ async def measure_herald(
         samples: list[tuple[int, float]] = []
         heralds: list[asyncio.subprocess.Process] = []
         try:
-            ports = []
+            ports, admin_ports = [], []
             for _ in range(processes):
                 ports.append(free_port())
+                admin_ports.append(free_port())
                 env = {
                     "HERALD_PREFIX": fx.prefix, "HERALD_DATABASE_URL": fx.db_url,
                     "HERALD_AMQP_URL": AMQP_URL, "HERALD_HTTP_PORT": str(ports[-1]),
                     "HERALD_HTTP_HOST": "127.0.0.1", "HERALD_PREFETCH": str(prefetch),
-                    "HERALD_LOG_LEVEL": "warning",
+                    "HERALD_LOG_LEVEL": "warning", "HERALD_ADMIN_PORT": str(admin_ports[-1]),
                     "HERALD_HTTP_ALLOW_NETWORKS": "127.0.0.0/8",  # the sandbox is on loopback
                 }
                 heralds.append(await start_process(["run", "--channels", "http"], env,
@@ -371,7 +372,7 @@ async def measure_herald(
                 "SELECT extract(epoch FROM max(sent_at) - min(sending_at)) FROM messages"))
             cpu1 = usage()
             async with aiohttp.ClientSession() as session, session.get(
-                    f"http://127.0.0.1:{ports[0]}/metrics") as r:
+                    f"http://127.0.0.1:{admin_ports[0]}/metrics") as r:
                 exposition = await r.text()
             print("    " + batch_summary(exposition), flush=True)
             # Shares over the wall time since Herald started (its start-up included).

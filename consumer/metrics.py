@@ -128,6 +128,12 @@ WEBHOOK_SIGNATURE_FAILURES = Counter(
     "Webhook requests refused (403) for a bad or missing signature",
     ["provider"],
 )
+HTTP_DEADLINES = Counter(
+    "herald_http_deadline_exceeded_total",
+    "Requests not received in time: connections closed before their headers were"
+    " complete (phase head) or answered 408 (phase request)",
+    ["listener", "phase"],
+)
 EVENTS_APPLIED = Counter(
     "herald_events_applied_total",
     "Provider events applied to messages by the events consumer",

@@ -13,7 +13,9 @@ Roles (``herald run --roles``) let operators scale parts apart:
 - ``gateway``: the HTTP routes providers and people call (webhooks, admin
   API) and the queue/backlog gauges.
 
-Every role serves ``/metrics``, ``/healthz`` and ``/readyz``.
+Every role serves ``/healthz`` and ``/readyz`` on both listeners, and
+``/metrics`` on the admin listener (:mod:`consumer.http_server`): webhooks go
+on the public listener, the admin API and console on the admin one.
 """
 
 from __future__ import annotations
@@ -39,7 +41,13 @@ from consumer.delivery.channels import ChannelControl
 from consumer.delivery.pipeline import LEASE_MARGIN_S, Pipeline
 from consumer.delivery.registry import ChannelRegistry
 from consumer.gauges import Observer
-from consumer.http_server import create_app, start_site
+from consumer.http_server import (
+    ADMIN_DEADLINES,
+    PUBLIC_DEADLINES,
+    Listener,
+    ThrottledCheck,
+    create_app,
+)
 from consumer.migrate import discover
 from consumer.providers.base import Provider
 from consumer.providers.http import HttpProvider
@@ -49,7 +57,7 @@ from consumer.providers.whatsapp import WhatsAppProvider
 from consumer.publisher import Publisher
 from consumer.settings import Settings
 from consumer.status.events import EventsConsumer
-from consumer.status.webhooks import WebhookReceiver
+from consumer.status.webhooks import WebhookReceiver, callback_problem
 from consumer.store import Store, create_pool
 from consumer.topology import Names, Topology
 from schemas.send_request import CHANNELS
@@ -57,6 +65,8 @@ from schemas.send_request import CHANNELS
 log = structlog.get_logger("herald.service")
 
 ROLES: tuple[str, ...] = ("senders", "events", "gateway")
+# How long /readyz may answer from its last check (a flood costs one ping a second).
+READINESS_TTL_S = 1.0
 
 
 class Component(Protocol):
@@ -129,7 +139,10 @@ class Service:
             thresholds=settings.outage_thresholds(),
             rates={c: settings.rate_for(c) for c in CHANNELS})
         self.providers: dict[str, Provider] = {}
-        self.runner: web.AppRunner | None = None
+        self.public_listener: Listener | None = None
+        self.admin_listener: Listener | None = None
+        # Both listeners' /readyz share it: one database ping a second at most.
+        self.ready = ThrottledCheck(self.readiness, ttl_s=READINESS_TTL_S)
         self.grace_s = settings.send_timeout_s + LEASE_MARGIN_S
 
     async def start(self) -> None:
@@ -170,13 +183,16 @@ class Service:
         for component in self.components:
             await component.start()
         if self.serve_http:
-            app = create_app(self.readiness)
-            self._add_routes(app, self.connection, self.pool)
-            self.runner = await start_site(app, s.http_host, s.http_port)
+            await self._start_listeners(self.connection, self.pool)
+        if "sms" in self.providers:
+            problem = callback_problem(s.public_url, s.twilio_base_url)
+            if problem:
+                log.warning("service.twilio_callbacks_unreachable", problem=problem)
         log.info("service.started", roles=list(self.roles), active_channels=active,
                  inactive_channels=self.channels.inactive,
-                 prefix=s.prefix, instance=self.instance_id, http_port=s.http_port
-                 if self.serve_http else None)
+                 prefix=s.prefix, instance=self.instance_id,
+                 http_port=self.public_listener.port if self.public_listener else None,
+                 admin_port=self.admin_listener.port if self.admin_listener else None)
 
     def _components(self, connection: AbstractRobustConnection, pool: asyncpg.Pool,
                     store: Store) -> list[Component]:
@@ -192,14 +208,28 @@ class Service:
             ))
         return components
 
-    def _add_routes(self, app: web.Application, connection: AbstractRobustConnection,
-                    pool: asyncpg.Pool) -> None:
-        """The HTTP routes of this process's roles (besides metrics and health)."""
+    async def _start_listeners(self, connection: AbstractRobustConnection,
+                               pool: asyncpg.Pool) -> None:
+        s = self.settings
+        public = create_app(self.ready, with_metrics=False)
+        admin = create_app(self.ready, with_metrics=True)
+        self._add_routes(public, admin, connection, pool)
+        self.public_listener = Listener("public", public, s.http_host, s.http_port,
+                                        PUBLIC_DEADLINES)
+        self.admin_listener = Listener("admin", admin, s.admin_host, s.admin_port,
+                                       ADMIN_DEADLINES)
+        await self.public_listener.start()
+        await self.admin_listener.start()
+
+    def _add_routes(self, public: web.Application, admin: web.Application,
+                    connection: AbstractRobustConnection, pool: asyncpg.Pool) -> None:
+        """The HTTP routes of this process's roles (besides metrics and health):
+        webhooks on the public listener, the admin API and console on the admin one."""
         if "gateway" not in self.roles:
             return
-        WebhookReceiver(self.settings, Publisher(connection, self.names)).add_routes(app)
+        WebhookReceiver(self.settings, Publisher(connection, self.names)).add_routes(public)
         if self.settings.admin_token:
-            add_admin_routes(app, settings=self.settings, pool=pool, names=self.names,
+            add_admin_routes(admin, settings=self.settings, pool=pool, names=self.names,
                              connection=connection, status=self.status)
 
     def status(self) -> dict[str, Any]:
@@ -243,8 +273,9 @@ class Service:
                 await component.stop()
             except Exception as exc:
                 log.warning("component.stop_failed", component=component.name, error=repr(exc))
-        if self.runner is not None:
-            await self.runner.cleanup()
+        for listener in (self.public_listener, self.admin_listener):
+            if listener is not None:
+                await listener.stop()
         for provider in self.providers.values():
             await provider.close()
         if self.session is not None:

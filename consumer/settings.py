@@ -121,8 +121,11 @@ class Settings:
         "postgresql://herald:herald@127.0.0.1:5432/herald",
     )
     prefix: str = _env("HERALD_PREFIX", _prefix, "herald")
-    http_host: str = _env("HERALD_HTTP_HOST", _text, "0.0.0.0")
+    # Loopback unless told otherwise: containers and deploy files set 0.0.0.0.
+    http_host: str = _env("HERALD_HTTP_HOST", _text, "127.0.0.1")
     http_port: int = _env("HERALD_HTTP_PORT", _int(0, 65535), 8080)
+    admin_host: str = _env("HERALD_ADMIN_HOST", _text, "127.0.0.1")
+    admin_port: int = _env("HERALD_ADMIN_PORT", _int(0, 65535), 8081)
     public_url: str = _env("HERALD_PUBLIC_URL", _url("http", "https"), "http://127.0.0.1:8080")
     prefetch: int = _env("HERALD_PREFETCH", _int(1, 65535), 256)
     admin_token: str | None = _env("HERALD_ADMIN_TOKEN")
@@ -191,6 +194,11 @@ class Settings:
             raise ConfigError(
                 "HERALD_BASE_DELAY_S: must not exceed HERALD_MAX_DELAY_S "
                 f"({self.base_delay_s:g} > {self.max_delay_s:g})"
+            )
+        if self.admin_port == self.http_port != 0:
+            raise ConfigError(
+                "HERALD_ADMIN_PORT: must differ from HERALD_HTTP_PORT (the admin API and"
+                f" metrics have their own listener; both are {self.http_port})"
             )
 
     def outage_thresholds(self) -> Thresholds:

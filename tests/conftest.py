@@ -139,6 +139,8 @@ def herald_env(prefix: str, db_url: str, **overrides: str) -> dict[str, str]:
         "HERALD_PREFIX": prefix,
         "HERALD_HTTP_PORT": "0",
         "HERALD_HTTP_HOST": "127.0.0.1",
+        "HERALD_ADMIN_PORT": "0",
+        "HERALD_ADMIN_HOST": "127.0.0.1",
         "HERALD_BASE_DELAY_S": "1",
         "HERALD_MAX_DELAY_S": "8",
         "HERALD_RETRY_JITTER": "0",

@@ -126,7 +126,7 @@ async def run_demo(settings: Settings, *, sandbox_url: str, timeout_s: float = 1
     print(f"  herald parked replay --campaign {CAMPAIGN} --error-type provider_error --dry-run")
     print(f"  herald stats --campaign {CAMPAIGN}")
     print(f"  herald status {run}-0")
-    print(f"  curl -s localhost:{settings.http_port}/metrics | grep herald_messages")
+    print(f"  curl -s localhost:{settings.admin_port}/metrics | grep herald_messages")
     return 0
 
 

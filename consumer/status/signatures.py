@@ -10,12 +10,19 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import re
 from collections.abc import Iterable, Mapping
 from urllib.parse import urlsplit, urlunsplit
 
 TwilioParams = Mapping[str, str] | Iterable[tuple[str, str]]
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
+# What each provider's header can look like: base64 of a 20-byte HMAC-SHA1
+# (28 characters, one "=" of padding), and "sha256=" with 64 lowercase hex
+# digits. Anything else is refused before the body is read, and before any
+# text that is not ASCII reaches an ``encode()``.
+_TWILIO_SIGNATURE_RE = re.compile(r"[A-Za-z0-9+/]{27}=")
+_META_SIGNATURE_RE = re.compile(r"sha256=[0-9a-f]{64}")
 
 
 def _pairs(params: TwilioParams) -> list[tuple[str, str]]:
@@ -64,10 +71,21 @@ def url_port_variants(url: str) -> list[str]:
     return variants
 
 
+def twilio_signature_wellformed(signature: str | None) -> bool:
+    """True when ``signature`` looks like an ``X-Twilio-Signature`` (whatever its value)."""
+    return signature is not None and _TWILIO_SIGNATURE_RE.fullmatch(signature) is not None
+
+
+def meta_signature_wellformed(header: str | None) -> bool:
+    """True when ``header`` looks like an ``X-Hub-Signature-256`` (blanks around allowed)."""
+    return header is not None and _META_SIGNATURE_RE.fullmatch(header.strip()) is not None
+
+
 def verify_twilio(auth_token: str, url: str, params: TwilioParams, signature: str | None) -> bool:
     """True when ``signature`` is Twilio's for this URL (default port either way) and params."""
-    if not signature:
+    if not twilio_signature_wellformed(signature):
         return False
+    assert signature is not None
     given = signature.encode()
     pairs = _pairs(params)
     ok = False
@@ -86,7 +104,8 @@ def meta_signature(app_secret: str, raw_body: bytes) -> str:
 
 def verify_meta(app_secret: str, raw_body: bytes, header: str | None) -> bool:
     """True when ``header`` is the ``X-Hub-Signature-256`` of ``raw_body`` (constant time)."""
-    if not header:
+    if not meta_signature_wellformed(header):
         return False
+    assert header is not None
     expected = meta_signature(app_secret, raw_body).encode()
-    return hmac.compare_digest(expected, header.strip().encode("utf-8", "replace"))
+    return hmac.compare_digest(expected, header.strip().encode("ascii"))

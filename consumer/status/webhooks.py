@@ -18,12 +18,15 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import ipaddress
 import json
+import math
+import re
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Any
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, urlsplit
 
 import structlog
 from aiohttp import web
@@ -32,7 +35,12 @@ from pydantic import ValidationError
 from consumer import metrics
 from consumer.publisher import Publisher
 from consumer.settings import Settings
-from consumer.status.signatures import verify_meta, verify_twilio
+from consumer.status.signatures import (
+    meta_signature_wellformed,
+    twilio_signature_wellformed,
+    verify_meta,
+    verify_twilio,
+)
 from schemas import ProviderEvent, ProviderStatus
 
 log = structlog.get_logger("herald.webhooks")
@@ -40,8 +48,25 @@ log = structlog.get_logger("herald.webhooks")
 # Meta batches up to a thousand statuses per request, a few hundred bytes
 # each; anything much larger is not a status callback.
 MAX_WEBHOOK_BYTES = 1024 * 1024
+# A Twilio status callback is about 1 KiB: some twenty short form fields (ids,
+# numbers, a status, an error code and message). 16 KiB leaves room for
+# fields Twilio may add and long error messages, and bounds what one request
+# can make Herald decode, sort and HMAC (a 1 MiB form is hundreds of
+# thousands of fields: about half a second of CPU each).
+MAX_TWILIO_BYTES = 16 * 1024
+# Twilio sends about twenty fields; a hundred is room to spare, and bounds the
+# work before the signature is checked.
+MAX_TWILIO_FIELDS = 100
+# Meta's payloads nest about eight levels (entry, changes, value, statuses,
+# errors, error_data); deeper documents are not status callbacks.
+MAX_JSON_DEPTH = 32
+# Meta's numbers are epoch seconds or milliseconds and numeric ids (≤ 20 digits).
+MAX_JSON_NUMBER_CHARS = 32
 # How long a request waits for the broker's confirms before answering 503.
 PUBLISH_TIMEOUT_S = 5.0
+# What each provider sends (parameters such as charset aside).
+TWILIO_CONTENT_TYPE = "application/x-www-form-urlencoded"
+META_CONTENT_TYPE = "application/json"
 
 # Twilio's message statuses; those before delivery all mean "the provider has
 # it", which is what Herald's ``sent`` says. Others (canceled, receiving,
@@ -228,6 +253,119 @@ def _first_error(errors: Any) -> tuple[str | None, str | None]:
     return None, None
 
 
+def callback_problem(public_url: str, provider_url: str) -> str | None:
+    """Why a provider at ``provider_url`` could not call ``public_url`` back, or None.
+
+    A loopback, unspecified, private or link-local ``HERALD_PUBLIC_URL``
+    (or ``localhost``) cannot be reached from a provider on the internet, so
+    every status callback would fail. A provider on such an address itself
+    (the sandbox) is on the same side and can. Names other than
+    ``localhost`` are not resolved: no lookups at start-up.
+    """
+    if _local_kind(urlsplit(provider_url).hostname) is not None:
+        return None
+    kind = _local_kind(urlsplit(public_url).hostname)
+    if kind is None:
+        return None
+    return (f"HERALD_PUBLIC_URL ({public_url}) is a {kind} address: the provider at"
+            f" {provider_url} cannot reach it, so every status callback would fail;"
+            " set it to the URL the internet reaches Herald's public listener at")
+
+
+def _local_kind(host: str | None) -> str | None:
+    """What makes ``host`` unreachable from the internet ('loopback', …), or None."""
+    if not host:
+        return None
+    name = host.lower().rstrip(".")
+    if name == "localhost" or name.endswith(".localhost"):
+        return "loopback"
+    try:
+        address = ipaddress.ip_address(name)
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    for kind, test in (("loopback", address.is_loopback), ("unspecified", address.is_unspecified),
+                       ("link-local", address.is_link_local), ("private", address.is_private)):
+        if test:
+            return kind
+    return None
+
+
+# -- bounded parsing (pure) ----------------------------------------------------------------
+
+# Characters PostgreSQL's text and jsonb cannot hold (NUL) or UTF-8 cannot
+# encode (lone surrogates, which JSON's \u escapes can produce).
+_UNSTORABLE_RE = re.compile("[\x00\ud800-\udfff]")
+
+
+def storable_text(text: str) -> str:
+    """``text`` with NUL and lone surrogates replaced by U+FFFD, so that it can be stored."""
+    return _UNSTORABLE_RE.sub("\ufffd", text)
+
+
+def parse_twilio_form(raw: bytes, max_fields: int = MAX_TWILIO_FIELDS) -> list[tuple[str, str]]:
+    """The fields of a form body, in order (the signature is over them as sent).
+
+    Raises :class:`ValueError` when the body holds more than ``max_fields``
+    fields (counted before anything is split or decoded).
+    """
+    return parse_qsl(raw.decode("utf-8", "replace"), keep_blank_values=True,
+                     max_num_fields=max_fields)
+
+
+def parse_json_bounded(
+    raw: bytes, *, max_depth: int = MAX_JSON_DEPTH, max_number_chars: int = MAX_JSON_NUMBER_CHARS,
+) -> Any:
+    """A JSON document read with bounds, its strings made storable.
+
+    Refuses (:class:`ValueError`, saying why) text that is not UTF-8,
+    nesting deeper than ``max_depth``, numbers longer than
+    ``max_number_chars`` characters, ``NaN`` and the infinities (also as
+    overflowing exponents such as ``1e999``). Strings, keys included, come
+    back with NUL and lone surrogates replaced by U+FFFD.
+    """
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValueError("body is not UTF-8") from None
+
+    def number(kind: Callable[[str], Any]) -> Callable[[str], Any]:
+        def parse(literal: str) -> Any:
+            if len(literal) > max_number_chars:
+                raise ValueError(f"a number is longer than {max_number_chars} characters")
+            value = kind(literal)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError("a number is out of range")
+            return value
+        return parse
+
+    def constant(name: str) -> Any:
+        raise ValueError(f"{name} is not a JSON number")
+
+    try:
+        document = json.loads(text, parse_int=number(int), parse_float=number(float),
+                              parse_constant=constant)
+    except RecursionError:
+        raise ValueError(f"nested deeper than {max_depth} levels") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"body is not JSON ({exc.msg} at {exc.pos})") from None
+    return _storable(document, max_depth)
+
+
+def _storable(value: Any, max_depth: int, depth: int = 0) -> Any:
+    if isinstance(value, str):
+        return storable_text(value)
+    if not isinstance(value, dict | list):
+        return value
+    if depth >= max_depth:
+        raise ValueError(f"nested deeper than {max_depth} levels")
+    if isinstance(value, list):
+        return [_storable(item, max_depth, depth + 1) for item in value]
+    return {storable_text(key): _storable(item, max_depth, depth + 1)
+            for key, item in value.items()}
+
+
 # -- the receiver ------------------------------------------------------------------------
 
 
@@ -236,7 +374,13 @@ class BodyTooLarge(Exception):
 
 
 class WebhookReceiver:
-    """The ``/webhooks/*`` routes of Herald's HTTP server (role ``gateway``)."""
+    """The ``/webhooks/*`` routes of Herald's public listener (role ``gateway``).
+
+    Every refusal that needs no body comes before the body is read: a content
+    type the provider never sends (415), no secret configured or a signature
+    header that is missing or malformed (403); then the size (413), the
+    signature over the exact bytes (403), and only then is anything parsed.
+    """
 
     def __init__(
         self,
@@ -244,12 +388,14 @@ class WebhookReceiver:
         publisher: Publisher,
         *,
         max_body_bytes: int = MAX_WEBHOOK_BYTES,
+        max_twilio_bytes: int = MAX_TWILIO_BYTES,
         publish_timeout_s: float = PUBLISH_TIMEOUT_S,
         now: Now = _utcnow,
     ) -> None:
         self.settings = settings
         self.publisher = publisher
         self.max_body_bytes = max_body_bytes
+        self.max_twilio_bytes = max_twilio_bytes
         self.publish_timeout_s = publish_timeout_s
         self.now = now
         self.twilio_url = settings.public_url + "/webhooks/twilio"
@@ -268,17 +414,27 @@ class WebhookReceiver:
     # -- handlers ------------------------------------------------------------------------
 
     async def twilio(self, request: web.Request) -> web.Response:
-        try:
-            raw = await self._read(request)
-        except BodyTooLarge:
-            return _too_large("twilio", self.max_body_bytes)
+        if request.content_type.lower() != TWILIO_CONTENT_TYPE:
+            return _unsupported(request, "twilio", TWILIO_CONTENT_TYPE)
         token = self.settings.twilio_auth_token
-        fields = parse_qsl(raw.decode("utf-8", "replace"), keep_blank_values=True)
+        signature = request.headers.get("X-Twilio-Signature")
+        if not token or not twilio_signature_wellformed(signature):
+            return _refused(request, "twilio", token, signature)
+        try:
+            raw = await self._read(request, self.max_twilio_bytes)
+        except BodyTooLarge:
+            return _too_large("twilio", self.max_twilio_bytes)
+        try:
+            fields = parse_twilio_form(raw)
+        except ValueError:
+            log.warning("webhook.too_many_fields", provider="twilio", limit=MAX_TWILIO_FIELDS)
+            return web.json_response(
+                {"error": f"more than {MAX_TWILIO_FIELDS} form fields"}, status=400)
         query = request.rel_url.raw_query_string
         url = self.twilio_url + (f"?{query}" if query else "")
-        signature = request.headers.get("X-Twilio-Signature")
-        if not token or not verify_twilio(token, url, fields, signature):
+        if not verify_twilio(token, url, fields, signature):
             return _refused(request, "twilio", token, signature)
+        fields = [(storable_text(name), storable_text(value)) for name, value in fields]
         return await self._publish("twilio", twilio_events(fields, self.now()))
 
     async def whatsapp(self, request: web.Request) -> web.Response:
@@ -305,32 +461,35 @@ class WebhookReceiver:
         provider: str,
         normalize: Callable[[Any, datetime], list[ProviderEvent]],
     ) -> web.Response:
-        try:
-            raw = await self._read(request)
-        except BodyTooLarge:
-            return _too_large(provider, self.max_body_bytes)
+        if request.content_type.lower() != META_CONTENT_TYPE:
+            return _unsupported(request, provider, META_CONTENT_TYPE)
         secret = self.settings.meta_app_secret
         signature = request.headers.get("X-Hub-Signature-256")
-        if not secret or not verify_meta(secret, raw, signature):
+        if not secret or not meta_signature_wellformed(signature):
             return _refused(request, provider, secret, signature)
         try:
-            payload = json.loads(raw)
-        except ValueError:
-            log.warning("webhook.not_json", provider=provider, bytes=len(raw))
-            return web.json_response({"error": "body is not JSON"}, status=400)
+            raw = await self._read(request, self.max_body_bytes)
+        except BodyTooLarge:
+            return _too_large(provider, self.max_body_bytes)
+        if not verify_meta(secret, raw, signature):
+            return _refused(request, provider, secret, signature)
+        try:
+            payload = parse_json_bounded(raw)
+        except ValueError as exc:
+            log.warning("webhook.not_json", provider=provider, bytes=len(raw), reason=str(exc))
+            return web.json_response({"error": str(exc)}, status=400)
         return await self._publish(provider, normalize(payload, self.now()))
 
     # -- steps -------------------------------------------------------------------------------
 
-    async def _read(self, request: web.Request) -> bytes:
-        """The exact body bytes, refusing more than ``max_body_bytes`` without reading them all."""
-        limit = self.max_body_bytes
+    async def _read(self, request: web.Request, limit: int) -> bytes:
+        """The exact body bytes, refusing more than ``limit`` without reading them all."""
         if request.content_length is not None and request.content_length > limit:
             raise BodyTooLarge()
         chunks: list[bytes] = []
         size = 0
         while True:
-            chunk = await request.content.read(64 * 1024)
+            chunk = await request.content.read(min(64 * 1024, limit + 1 - size))
             if not chunk:
                 return b"".join(chunks)
             size += len(chunk)
@@ -370,11 +529,20 @@ class WebhookReceiver:
 def _refused(
     request: web.Request, provider: str, secret: str | None, signature: str | None
 ) -> web.Response:
-    reason = "not_configured" if not secret else "missing" if not signature else "mismatch"
+    wellformed = (twilio_signature_wellformed if provider == "twilio"
+                  else meta_signature_wellformed)
+    reason = ("not_configured" if not secret else "missing" if not signature
+              else "malformed" if not wellformed(signature) else "mismatch")
     metrics.WEBHOOK_SIGNATURE_FAILURES.labels(provider).inc()
     log.warning("webhook.signature_refused", provider=provider, reason=reason,
                 remote=request.remote)
     return web.Response(status=403, text="signature refused\n")
+
+
+def _unsupported(request: web.Request, provider: str, expected: str) -> web.Response:
+    log.warning("webhook.unsupported_media_type", provider=provider,
+                content_type=storable_text(request.content_type)[:100], remote=request.remote)
+    return web.json_response({"error": f"content type must be {expected}"}, status=415)
 
 
 def _too_large(provider: str, limit: int) -> web.Response:

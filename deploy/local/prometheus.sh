@@ -12,7 +12,8 @@
 #       is Prometheus itself, so SIGTERM stops it) on 127.0.0.1:PORT
 #   deploy/local/prometheus.sh start [CONFIG] [PORT]
 #       the same in the background, data and log in .local/prometheus;
-#       CONFIG defaults to one scraping Herald on 127.0.0.1:8080 with
+#       CONFIG defaults to one scraping Herald's admin listener (where
+#       /metrics is) on 127.0.0.1:${HERALD_ADMIN_PORT:-8081} with
 #       deploy/prometheus/herald-rules.yaml; PORT to $HERALD_LOCAL_PROM_PORT or 9091
 #   deploy/local/prometheus.sh {stop|status}
 #
@@ -81,7 +82,7 @@ rule_files:
 scrape_configs:
   - job_name: herald
     static_configs:
-      - targets: ["127.0.0.1:8080"]
+      - targets: ["127.0.0.1:${HERALD_ADMIN_PORT:-8081}"]
 EOF
     echo "$config"
 }

@@ -35,6 +35,10 @@ done < <("$REPO/.venv/bin/python" -m consumer.sandbox "$SANDBOX_PORT")
 export HERALD_PUBLIC_URL="${HERALD_PUBLIC_URL:-http://127.0.0.1:${HERALD_HTTP_PORT:-8080}}"
 # The sandbox's http endpoints are on loopback, which the http channel refuses by default.
 export HERALD_HTTP_ALLOW_NETWORKS="${HERALD_HTTP_ALLOW_NETWORKS:-127.0.0.0/8}"
+# Both listeners on loopback (Herald's defaults, said out loud): the public one
+# (webhooks) and the admin one (admin API, console, /metrics).
+export HERALD_HTTP_HOST="${HERALD_HTTP_HOST:-127.0.0.1}"
+export HERALD_ADMIN_HOST="${HERALD_ADMIN_HOST:-127.0.0.1}"
 export HERALD_ADMIN_TOKEN="${HERALD_ADMIN_TOKEN:-demo-admin-token}"
 
 "$HERALD" sandbox --port "$SANDBOX_PORT" > "$REPO/.local/sandbox.log" 2>&1 &
@@ -56,6 +60,8 @@ for _ in $(seq 1 120); do
 done
 is_ready || die "herald run not ready after 60 s; see .local/herald.log"
 echo "herald is running (logs: .local/herald.log, sandbox: .local/sandbox.log)"
+echo "  webhooks:                    http://$HERALD_HTTP_HOST:${HERALD_HTTP_PORT:-8080}/webhooks/"
+echo "  admin API, console, metrics: http://$HERALD_ADMIN_HOST:${HERALD_ADMIN_PORT:-8081}/"
 echo
 
 if [[ -z "${HERALD_NO_DEMO:-}" ]]; then

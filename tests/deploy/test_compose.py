@@ -116,6 +116,30 @@ def test_compose_runs_herald_split_by_role() -> None:
     assert {"rabbitmq", "postgres", "prometheus", "grafana"} <= set(s)
 
 
+def test_compose_publishes_the_admin_listener_on_the_hosts_loopback_only() -> None:
+    env = services()["herald-gateway"]["environment"]
+    public, admin = env["HERALD_HTTP_PORT"], env["HERALD_ADMIN_PORT"]
+    assert public != admin
+    assert env["HERALD_HTTP_HOST"] == env["HERALD_ADMIN_HOST"] == "0.0.0.0"
+    ports = services()["herald-gateway"]["ports"]
+    assert f"{public}:{public}" in ports
+    assert f"127.0.0.1:{admin}:{admin}" in ports
+    assert not [p for p in ports if p.endswith(f":{admin}") and not p.startswith("127.0.0.1:")]
+    for role in ("senders", "events"):
+        assert "ports" not in services()[f"herald-{role}"], role
+    # Prometheus scrapes /metrics where it is: the admin port.
+    config = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
+    herald = next(job for job in config["scrape_configs"] if job["job_name"] == "herald")
+    assert [c["port"] for c in herald["dns_sd_configs"]] == [int(admin)]
+
+
+def test_dockerfile_exposes_both_listeners() -> None:
+    dockerfile = (REPO / "Dockerfile").read_text()
+    exposed = re.search(r"^EXPOSE (.+)$", dockerfile, re.MULTILINE)
+    assert exposed and set(exposed.group(1).split()) == {"8080", "8081"}
+    assert "HERALD_ADMIN_PORT=8081" in dockerfile and "HERALD_HTTP_PORT=8080" in dockerfile
+
+
 def test_compose_references_exist() -> None:
     data = compose()
     named_volumes = set(data.get("volumes") or {})

@@ -2,9 +2,10 @@
 returning data from a real Prometheus scraping a running Herald under load.
 
 The end-to-end test starts, as subprocesses: the provider sandbox, Herald
-split by role (senders, events, gateway, each with its own /metrics), and a
-private Prometheus (Debian package, via deploy/local/prometheus.sh run) that
-scrapes the three every second and evaluates deploy/prometheus/herald-rules.yaml.
+split by role (senders, events, gateway, each with its own /metrics on its
+admin listener), and a private Prometheus (Debian package, via
+deploy/local/prometheus.sh run) that scrapes the three admin listeners every
+second and evaluates deploy/prometheus/herald-rules.yaml.
 It then publishes a mix of messages (successes with latency, retries,
 parked, scheduled, WhatsApp and SMS through the sandbox with status
 callbacks) and drives the scenarios that some panels need: an expired Twilio
@@ -133,7 +134,8 @@ class Process:
 @dataclass
 class Stack:
     sandbox_url: str
-    herald_urls: dict[str, str]
+    herald_urls: dict[str, str]  # public listeners: webhooks
+    admin_urls: dict[str, str]  # admin listeners: admin API, /metrics
     prometheus_url: str
     processes: list[Process] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
@@ -201,8 +203,11 @@ async def stack(prefix: str, db_url: str, tmp_path: Path) -> AsyncIterator[Stack
                     "(make services does) to install the Debian package prometheus")
     sandbox_port, prometheus_port = free_port(), free_port()
     ports = {role: free_port() for role in ("senders", "events", "gateway")}
+    admin_ports = {role: free_port() for role in ports}
     urls = {role: f"http://127.0.0.1:{port}" for role, port in ports.items()}
-    stack = Stack(f"http://127.0.0.1:{sandbox_port}", urls, f"http://127.0.0.1:{prometheus_port}")
+    admin_urls = {role: f"http://127.0.0.1:{port}" for role, port in admin_ports.items()}
+    stack = Stack(f"http://127.0.0.1:{sandbox_port}", urls, admin_urls,
+                  f"http://127.0.0.1:{prometheus_port}")
     try:
         await start(stack, "sandbox", [sys.executable, "-m", "consumer", "sandbox", "--port",
                                        str(sandbox_port)], {}, tmp_path)
@@ -218,9 +223,10 @@ async def stack(prefix: str, db_url: str, tmp_path: Path) -> AsyncIterator[Stack
         for role, port in ports.items():
             await start(stack, f"herald-{role}",
                         [sys.executable, "-m", "consumer", "run", "--roles", role],
-                        {**base_env, "HERALD_HTTP_PORT": str(port)}, tmp_path)
+                        {**base_env, "HERALD_HTTP_PORT": str(port),
+                         "HERALD_ADMIN_PORT": str(admin_ports[role])}, tmp_path)
         config = tmp_path / "prometheus.yml"
-        config.write_text(yaml.safe_dump(prometheus_config(urls)))
+        config.write_text(yaml.safe_dump(prometheus_config(admin_urls)))
         await start(stack, "prometheus", [str(PROMETHEUS_SH), "run", str(config),
                                           str(prometheus_port), str(tmp_path / "tsdb")],
                     {}, tmp_path)
@@ -249,6 +255,7 @@ async def drive_load(stack: Stack, amqp: AbstractRobustConnection, prefix: str,
                      db_url: str, db: asyncpg.Connection) -> None:
     sandbox = stack.sandbox_url
     gateway = stack.herald_urls["gateway"]
+    gateway_admin = stack.admin_urls["gateway"]
     # Meta's status webhooks go to the gateway (Twilio's follow StatusCallback).
     callbacks = {"whatsapp_url": f"{gateway}/webhooks/whatsapp",
                  "messenger_url": f"{gateway}/webhooks/messenger"}
@@ -301,7 +308,7 @@ async def drive_load(stack: Stack, amqp: AbstractRobustConnection, prefix: str,
     # panel counts). `herald parked replay` would count in its own, unscraped process.
     replay = {"channel": "http", "error_types": ["invalid_request"]}
     async with aiohttp.ClientSession() as session, session.post(
-            f"{gateway}/admin/parked/replay", json=replay,
+            f"{gateway_admin}/admin/parked/replay", json=replay,
             headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}) as r:
         if r.status != 200:
             stack.notes.append(f"POST /admin/parked/replay answered {r.status}: "

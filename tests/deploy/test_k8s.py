@@ -1,7 +1,7 @@
 """deploy/k8s: every manifest validates, and the pieces fit together.
 
-- Core kinds (Deployment, Service, PodDisruptionBudget, ConfigMap, Secret,
-  Namespace) are validated offline by kubernetes-validate against the
+- Core kinds (Deployment, Service, Ingress, PodDisruptionBudget, ConfigMap,
+  Secret, Namespace) are validated offline by kubernetes-validate against the
   Kubernetes 1.33 OpenAPI schemas, in strict mode (unknown fields refused).
 - KEDA's ScaledObject and TriggerAuthentication are validated against a JSON
   Schema derived from cloudcoil-models-keda (pydantic models generated from
@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import jsonschema
 import kubernetes_validate
@@ -224,8 +225,45 @@ def test_keda_scales_senders_on_every_send_queue() -> None:
     assert scaled["spec"]["minReplicaCount"] >= 1
 
 
-def test_gateway_service_routes_to_gateway_pods() -> None:
-    service = one("Service", "herald-gateway")
+def test_gateway_services_route_to_gateway_pods() -> None:
     labels = one("Deployment", "herald-gateway")["spec"]["template"]["metadata"]["labels"]
-    assert service["spec"]["selector"].items() <= labels.items()
-    assert service["spec"]["ports"][0]["targetPort"] == "http"
+    for name, port in (("herald-gateway", "http"), ("herald-gateway-admin", "admin")):
+        service = one("Service", name)
+        assert service["spec"]["selector"].items() <= labels.items()
+        # Each Service exposes one listener only: the public one never carries admin.
+        assert [p["targetPort"] for p in service["spec"]["ports"]] == [port], name
+
+
+def test_every_pod_has_both_listeners_probed_on_http_and_scraped_on_admin() -> None:
+    data = config()
+    assert data["HERALD_HTTP_HOST"] == data["HERALD_ADMIN_HOST"] == "0.0.0.0"
+    ports = {"http": int(data["HERALD_HTTP_PORT"]), "admin": int(data["HERALD_ADMIN_PORT"])}
+    assert ports["http"] != ports["admin"]
+    for role, deployment in deployments():
+        c = container(deployment)
+        assert {p["name"]: p["containerPort"] for p in c["ports"]} == ports, role
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            assert c[probe]["httpGet"]["port"] == "http", (role, probe)
+        annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+        assert annotations["prometheus.io/port"] == str(ports["admin"]), role
+        assert annotations["prometheus.io/path"] == "/metrics"
+
+
+def test_the_ingress_publishes_the_webhooks_and_nothing_else() -> None:
+    ingresses = find("Ingress")
+    assert [i["metadata"]["name"] for i in ingresses] == ["herald-webhooks"]
+    public_host = urlsplit(config()["HERALD_PUBLIC_URL"]).hostname
+    admin_service = one("Service", "herald-gateway-admin")["metadata"]["name"]
+    for ingress in ingresses:
+        spec = ingress["spec"]
+        assert "defaultBackend" not in spec
+        assert [rule["host"] for rule in spec["rules"]] == [public_host]
+        paths = [p for rule in spec["rules"] for p in rule["http"]["paths"]]
+        assert paths
+        for path in paths:
+            # Kubernetes' Prefix matches whole path elements: /webhooks/ is /webhooks/*.
+            assert path["path"] == "/webhooks/" and path["pathType"] == "Prefix", path
+            backend = path["backend"]["service"]
+            assert backend["name"] == "herald-gateway" != admin_service
+            assert backend["port"] == {"name": "http"}
+        assert spec["tls"][0]["hosts"] == [public_host]

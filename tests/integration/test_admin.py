@@ -30,9 +30,8 @@ BARE_LABEL = "sha256:" + hashlib.sha256(BARE_TOKEN.encode()).hexdigest()[:8]
 
 class Admin:
     def __init__(self, service: Service, session: aiohttp.ClientSession) -> None:
-        assert service.runner is not None
-        port = service.runner.addresses[0][1]
-        self.base = f"http://127.0.0.1:{port}/admin"
+        assert service.admin_listener is not None
+        self.base = f"http://127.0.0.1:{service.admin_listener.port}/admin"
         self.session = session
 
     async def call(self, method: str, path: str, token: str | None = OPS_TOKEN,
@@ -213,8 +212,8 @@ async def test_without_a_token_the_api_is_off(settings: Settings) -> None:
     service = Service(settings.replace(http_port=0), serve_http=True)
     await service.start()
     try:
-        assert service.runner is not None
-        port = service.runner.addresses[0][1]
+        assert service.admin_listener is not None
+        port = service.admin_listener.port
         async with aiohttp.ClientSession() as session, session.get(
                 f"http://127.0.0.1:{port}/admin/status",
                 headers={"Authorization": f"Bearer {OPS_TOKEN}"}) as response:

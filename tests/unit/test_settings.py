@@ -132,6 +132,10 @@ BAD_VALUES = [
     ("HERALD_MAX_DELAY_S", "262144"),
     ("HERALD_DELIVERY_LIMIT", "0"),
     ("HERALD_HTTP_HOST", "   "),
+    ("HERALD_ADMIN_HOST", " \t"),
+    ("HERALD_ADMIN_PORT", "65536"),
+    ("HERALD_ADMIN_PORT", "admin"),
+    ("HERALD_ADMIN_PORT", "8080"),
     ("HERALD_META_API_VERSION", " "),
 ]
 
@@ -272,3 +276,20 @@ def test_settings_are_frozen() -> None:
     s = Settings.from_env({})
     with pytest.raises(dataclasses.FrozenInstanceError):
         s.prefix = "other"  # type: ignore[misc]
+
+
+def test_both_listeners_bind_loopback_by_default() -> None:
+    s = Settings.from_env({})
+    assert (s.http_host, s.http_port) == ("127.0.0.1", 8080)
+    assert (s.admin_host, s.admin_port) == ("127.0.0.1", 8081)
+    s = Settings.from_env({"HERALD_HTTP_HOST": "0.0.0.0", "HERALD_ADMIN_HOST": "::",
+                           "HERALD_ADMIN_PORT": "9100"})
+    assert (s.http_host, s.admin_host, s.admin_port) == ("0.0.0.0", "::", 9100)
+
+
+def test_the_admin_listener_needs_its_own_port() -> None:
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env({"HERALD_HTTP_PORT": "9000", "HERALD_ADMIN_PORT": "9000"})
+    assert str(info.value).startswith("HERALD_ADMIN_PORT: must differ from HERALD_HTTP_PORT")
+    # Both chosen by the system (tests): two different ports.
+    assert Settings.from_env({"HERALD_HTTP_PORT": "0", "HERALD_ADMIN_PORT": "0"}).admin_port == 0
