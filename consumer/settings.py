@@ -33,7 +33,7 @@ def _url(*schemes: str) -> Callable[[str], str]:
         return raw.rstrip("/") if parts.scheme in ("http", "https") else raw
 
     # What the parser accepts, in words: the configuration reference shows it.
-    parse.__doc__ = f"a {' or '.join(schemes)} URL"
+    parse.__doc__ = "a URL: " + " or ".join(f"`{scheme}://…`" for scheme in schemes)
     return parse
 
 
