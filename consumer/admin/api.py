@@ -23,7 +23,9 @@ Routes (JSON in and out):
   ``until``) or ``{"all": true}``; options ``dry_run``, ``rate``,
   ``reset_attempts`` (default true), ``set_body`` (one id);
 - ``POST /admin/parked/reject``: ``{"ids": [...], "reason": "..."}``;
-- ``GET  /admin/stats`` (``?campaign=ID``), ``GET /admin/campaigns/{id}``.
+- ``GET  /admin/stats`` (``?campaign=ID``), ``GET /admin/campaigns/{id}``;
+- ``GET  /admin/openapi.json``: the OpenAPI document of these routes
+  (:mod:`consumer.admin.openapi`), behind the token like the rest.
 
 Replay and reject are written to ``audit_log`` (when, what, which token
 label, how many messages), also when they fail.
@@ -46,6 +48,7 @@ from aio_pika.abc import AbstractRobustConnection
 from aiohttp import web
 
 from consumer.admin import audit
+from consumer.admin.openapi import document as openapi_document
 from consumer.errors import ConfigError
 from consumer.parking.lot import (
     Lot,
@@ -138,6 +141,7 @@ class AdminApi:
         app.router.add_get("/parked/{id}", self.parked_show)
         app.router.add_get("/stats", self.stats)
         app.router.add_get("/campaigns/{id}", self.campaign)
+        app.router.add_get("/openapi.json", self.openapi)
         return app
 
     @web.middleware
@@ -192,6 +196,9 @@ class AdminApi:
         return web.json_response(answer)
 
     # -- reading -------------------------------------------------------------------
+
+    async def openapi(self, _: web.Request) -> web.Response:
+        return web.json_response(openapi_document())
 
     async def status(self, _: web.Request) -> web.Response:
         answer = self.service_status()
