@@ -161,6 +161,9 @@ class AdminApi:
 
     @web.middleware
     async def _errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        # PostgreSQL cannot store a NUL character in text: refuse it before any query.
+        if _holds_nul([*request.query.values(), *request.match_info.values()]):
+            return _problem(400, "a parameter holds a NUL character")
         try:
             return await handler(request)
         except NotFound as exc:
@@ -173,10 +176,12 @@ class AdminApi:
     async def _body(self, request: web.Request) -> dict[str, Any]:
         try:
             body = await request.json()
-        except ValueError:
-            raise LotError("the request body is not JSON") from None
+        except (ValueError, RecursionError):
+            raise LotError("the request body is not JSON (or is nested too deeply)") from None
         if not isinstance(body, dict):
             raise LotError("the request body must be a JSON object")
+        if _holds_nul(body):
+            raise LotError("the request body holds a NUL character")
         return body
 
     async def _audited(self, request: web.Request, action: str, params: dict[str, Any],
@@ -301,6 +306,22 @@ class AdminApi:
 
         return await self._audited(
             request, "parked.reject", {"ids": [str(i) for i in ids], "reason": reason}, work)
+
+
+def _holds_nul(value: Any) -> bool:
+    """Whether a NUL character is in any string of a parsed JSON value (keys too)."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if "\x00" in item:
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
 
 
 def _strings(value: Any, name: str) -> list[str]:

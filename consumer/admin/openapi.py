@@ -30,11 +30,18 @@ def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
 
 
 def _errors(*statuses: int) -> dict[str, Any]:
-    why = {400: "A parameter or the body is invalid (the message says which).",
-           401: "No token, or a wrong one. Nothing was done.",
-           404: "No such parked message or campaign.",
+    """401 and 400 on every route (400 also comes, as text, from the HTTP server itself
+    when a request is malformed, e.g. a request line over 8 KiB), and ``statuses``."""
+    why = {404: "No such parked message or campaign.",
            409: "Another pass over the parking queue is running; try again shortly."}
-    return {str(s): _json(_ref("Error"), why[s]) for s in (401, *statuses)}
+    answers = {
+        "400": {"description": "A parameter or the body is invalid (the message says "
+                               "which), or the request is malformed.",
+                "content": {"application/json": {"schema": _ref("Error")},
+                            "text/plain": {"schema": {"type": "string"}}}},
+        "401": _json(_ref("Error"), "No token, or a wrong one. Nothing was done."),
+    }
+    return answers | {str(s): _json(_ref("Error"), why[s]) for s in statuses}
 
 
 def _query(name: str, schema: dict[str, Any], description: str, **extra: Any) -> dict[str, Any]:
@@ -173,36 +180,41 @@ def _paths() -> dict[str, Any]:
                                   "default": 0}, "Rows to skip."),
                 _query("newest_first", _FLAG, "Newest first (default: queue order)."),
             ],
-            "responses": {"200": _json(_ref("Listing"), "One page, and counts."),
-                          **_errors(400)}}},
+            "responses": {"200": {
+                **_json(_ref("Listing"), "One page, and counts."),
+                "links": {"showFirst": {
+                    "operationId": "showParked",
+                    "parameters": {"id": "$response.body#/items/0/id"},
+                    "description": "The first parked message of the page."}}},
+                          **_errors()}}},
         "/admin/parked/{id}": {"get": {
             "operationId": "showParked", "summary": "One parked message and its history",
             "parameters": [_path_id("A parked id or an unambiguous prefix of one."),
                            _query("reveal", _FLAG, "Show recipients unmasked.")],
             "responses": {"200": _json(_ref("Shown"), "The message."),
-                          **_errors(400, 404)}}},
+                          **_errors(404)}}},
         "/admin/parked/replay": {"post": {
             "operationId": "replayParked", "summary": "Replay parked messages",
             "requestBody": {"required": True, "content": {
                 "application/json": {"schema": _ref("ReplayRequest")}}},
             "responses": {"200": _json(_ref("Report"), "Replayed (or, dry run, would be)."),
-                          **_errors(400, 404, 409)}}},
+                          **_errors(404, 409)}}},
         "/admin/parked/reject": {"post": {
             "operationId": "rejectParked", "summary": "Reject parked messages for good",
             "requestBody": {"required": True, "content": {
                 "application/json": {"schema": _ref("RejectRequest")}}},
             "responses": {"200": _json(_ref("Report"), "Rejected: status cancelled."),
-                          **_errors(400, 404, 409)}}},
+                          **_errors(404, 409)}}},
         "/admin/stats": {"get": {
             "operationId": "stats", "summary": "Delivery and retry statistics",
             "parameters": [_query("campaign", _TEXT, "Only this campaign.")],
             "responses": {"200": _json(_ref("Stats"), "The figures."),
-                          **_errors(400, 404)}}},
+                          **_errors(404)}}},
         "/admin/campaigns/{id}": {"get": {
             "operationId": "campaign", "summary": "A campaign's settings and statistics",
             "parameters": [_path_id("The campaign id.")],
             "responses": {"200": _json(_ref("Campaign"), "The campaign."),
-                          **_errors(400, 404)}}},
+                          **_errors(404)}}},
         "/admin/openapi.json": {"get": {
             "operationId": "openapi", "summary": "This document",
             "responses": {"200": _json({"type": "object"}, "OpenAPI 3.1."), **_errors()}}},
