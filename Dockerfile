@@ -2,21 +2,25 @@
 # builds it). The same image runs every role (`herald run --roles ...`),
 # `herald migrate`, `herald topology declare` and the sandbox.
 #
-# The package is installed in editable mode from /app because migrations are
-# read from sql/ beside the consumer package (consumer/migrate.py), which a
-# regular install into site-packages would leave behind.
+# Two stages: the first builds Herald's wheel from the sources (the wheel
+# carries the migrations of sql/ inside the package) and installs it, with its
+# dependencies, into a virtual environment; the second copies only that
+# environment. No source checkout is left in the image.
 ARG PYTHON_IMAGE=python:3.12.7-slim-bookworm
 
 FROM ${PYTHON_IMAGE} AS build
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1 PYTHONDONTWRITEBYTECODE=1
-RUN python -m venv /opt/herald
-WORKDIR /app
+WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY consumer/ consumer/
 COPY schemas/ schemas/
 COPY sql/ sql/
-RUN /opt/herald/bin/pip install -e . \
-    && /opt/herald/bin/python -m compileall -q consumer schemas
+RUN pip wheel --no-deps --wheel-dir /dist . \
+    && python -m venv /opt/herald \
+    && /opt/herald/bin/pip install /dist/herald-*.whl \
+    && /opt/herald/bin/python -m compileall -q /opt/herald/lib \
+    && cd / && /opt/herald/bin/python -c \
+       "from consumer.migrate import discover; assert discover(), 'no migrations in the wheel'"
 
 FROM ${PYTHON_IMAGE}
 LABEL org.opencontainers.image.title="herald" \
@@ -25,14 +29,12 @@ RUN groupadd --system --gid 10001 herald \
     && useradd --system --uid 10001 --gid herald --no-create-home \
        --home-dir /nonexistent --shell /usr/sbin/nologin herald
 COPY --from=build /opt/herald /opt/herald
-COPY --from=build /app /app
 ENV PATH=/opt/herald/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     HERALD_HTTP_HOST=0.0.0.0 \
     HERALD_HTTP_PORT=8080 \
     HERALD_ADMIN_PORT=8081
-WORKDIR /app
 # Numeric, so that Kubernetes' runAsNonRoot can verify it.
 USER 10001:10001
 # 8080: the public listener (webhooks, /healthz, /readyz). 8081: the admin

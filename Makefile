@@ -20,7 +20,7 @@ PYTEST_ARGS ?=
 
 help:
 	@echo 'make venv        create .venv and install herald[dev] (again when pyproject.toml changes)'
-	@echo 'make services    start the local RabbitMQ (5673) and PostgreSQL (5433); install promtool'
+	@echo 'make services    start the local RabbitMQ (5673) and PostgreSQL (5433); install promtool and the AsyncAPI parser'
 	@echo 'make lint        ruff check .'
 	@echo 'make typecheck   mypy (packages consumer and schemas)'
 	@echo 'make test        venv + services + lint + typecheck + pytest $$PYTEST_ARGS'
@@ -40,6 +40,7 @@ $(STAMP): pyproject.toml
 services:
 	deploy/local/up.sh
 	deploy/local/prometheus.sh install
+	deploy/local/asyncapi.sh install
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -48,7 +48,7 @@ from consumer.http_server import (
     ThrottledCheck,
     create_app,
 )
-from consumer.migrate import discover
+from consumer.migrate import MigrationError, verify
 from consumer.providers.base import Provider
 from consumer.providers.http import HttpProvider
 from consumer.providers.messenger import MessengerProvider
@@ -84,16 +84,13 @@ class NotMigrated(Exception):
 
 
 async def check_migrated(pool: asyncpg.Pool) -> None:
-    """Refuse to run on a database that lacks some of Herald's migrations."""
-    wanted = {m.version for m in discover()}
-    done: set[str] = set()
-    if await pool.fetchval("SELECT to_regclass('schema_migrations')") is not None:
-        done = {r["version"] for r in await pool.fetch("SELECT version FROM schema_migrations")}
-    missing = sorted(wanted - done)
-    if missing:
-        raise NotMigrated(
-            f"the database lacks migration(s) {', '.join(missing)}: run `herald migrate` first"
-        )
+    """Refuse to run on a database that lacks some of Herald's migrations, or applied
+    another version of one."""
+    async with pool.acquire() as conn:
+        try:
+            await verify(conn)
+        except MigrationError as exc:
+            raise NotMigrated(str(exc)) from None
 
 
 def build_providers(

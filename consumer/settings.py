@@ -6,6 +6,7 @@ whose message is one line naming the variable, which the CLI prints as is.
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import os
 import re
@@ -33,6 +34,8 @@ def _url(*schemes: str) -> Callable[[str], str]:
             raise ValueError("has an invalid port") from None
         return raw.rstrip("/") if parts.scheme in ("http", "https") else raw
 
+    # What the parser accepts, in words: the configuration reference shows it.
+    parse.__doc__ = "a URL: " + " or ".join(f"`{scheme}://…`" for scheme in schemes)
     return parse
 
 
@@ -46,6 +49,7 @@ def _int(lo: int, hi: int) -> Callable[[str], int]:
             raise ValueError(f"must be between {lo} and {hi}")
         return value
 
+    parse.__doc__ = f"a whole number from {lo} to {hi}"
     return parse
 
 
@@ -59,6 +63,7 @@ def _float(lo: float, hi: float) -> Callable[[str], float]:
             raise ValueError(f"must be between {lo:g} and {hi:g}")
         return value
 
+    parse.__doc__ = f"a number from {lo:g} to {hi:g}"
     return parse
 
 
@@ -69,16 +74,19 @@ def _choice(*options: str) -> Callable[[str], str]:
             raise ValueError(f"must be one of {', '.join(options)}")
         return value
 
+    parse.__doc__ = f"one of {', '.join(options)}"
     return parse
 
 
 def _prefix(raw: str) -> str:
+    """letters, digits, '.', '_' or '-' (up to 101 characters)"""
     if not _PREFIX_RE.fullmatch(raw):
         raise ValueError("must be letters, digits, '.', '_' or '-' (up to 101 characters)")
     return raw
 
 
 def _text(raw: str) -> str:
+    """any non-blank text"""
     if not raw.strip():
         raise ValueError("must not be empty")
     return raw
@@ -247,3 +255,38 @@ def _shown(var: str, raw: str) -> str:
     # libpq (and asyncpg) also take the password as a query parameter.
     raw = _QUERY_PASSWORD_RE.sub(r"\1=***", raw)
     return repr(raw if len(raw) <= 80 else raw[:77] + "...")
+
+
+# HERALD_* variables that belong to the development tooling, not to Herald:
+# deploy/local's scripts (ports, start timeouts), `make run` (HERALD_NO_DEMO)
+# and the sandbox's helpers. Herald ignores them without a warning.
+TOOLING_PREFIXES = ("HERALD_LOCAL_", "HERALD_SANDBOX_")
+TOOLING_VARIABLES = frozenset({"HERALD_NO_DEMO"})
+# A name shown as it is; anything else (a newline, say) is shown quoted.
+_VAR_NAME_RE = re.compile(r"[A-Za-z0-9_]{1,100}")
+
+
+def known_variables() -> list[str]:
+    """Every variable a setting is read from."""
+    return [f.metadata["env"] for f in fields(Settings)]
+
+
+def unknown_variables(environ: Mapping[str, str] | None = None) -> list[str]:
+    """One warning line per ``HERALD_*`` variable that nothing reads (a typo such as
+    ``HERALD_PREFECH`` would otherwise be ignored in silence), naming the closest
+    setting when one is close. Values are never shown: they may be secrets."""
+    environ = os.environ if environ is None else environ
+    known = known_variables()
+    suffixes = {var.removeprefix("HERALD_"): var for var in known}
+    warnings = []
+    for name in sorted(environ):
+        if (not name.startswith("HERALD_") or name in known or name in TOOLING_VARIABLES
+                or name.startswith(TOOLING_PREFIXES)):
+            continue
+        # Compared without the common prefix, which would make every name look close.
+        close = difflib.get_close_matches(name.removeprefix("HERALD_"), suffixes, n=1,
+                                          cutoff=0.6)
+        hint = f"did you mean {suffixes[close[0]]}?" if close else "no setting has a similar name"
+        shown = name if _VAR_NAME_RE.fullmatch(name) else repr(name[:100])
+        warnings.append(f"{shown} is not a Herald setting and is ignored; {hint}")
+    return warnings

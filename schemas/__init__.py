@@ -5,10 +5,15 @@ models into ``schemas/json/`` (``python -m schemas.export``).
 """
 
 from schemas.events import ProviderEvent, ProviderStatus
+from schemas.parking import BrokerParkedHeaders, ErrorTypeName, ParkedHeaders, ParkingNotice
 from schemas.send_request import Channel, Priority, RetryMode, RetrySpec, SendRequest
 
 __all__ = [
+    "BrokerParkedHeaders",
     "Channel",
+    "ErrorTypeName",
+    "ParkedHeaders",
+    "ParkingNotice",
     "Priority",
     "ProviderEvent",
     "ProviderStatus",

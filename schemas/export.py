@@ -10,11 +10,13 @@ from typing import Any
 from pydantic import BaseModel
 
 from schemas.events import ProviderEvent
+from schemas.parking import ParkingNotice
 from schemas.send_request import SendRequest
 
 MODELS: dict[str, type[BaseModel]] = {
     "send_request": SendRequest,
     "provider_event": ProviderEvent,
+    "parking_notice": ParkingNotice,
 }
 
 JSON_DIR = Path(__file__).parent / "json"

@@ -23,7 +23,9 @@ Routes (JSON in and out):
   ``until``) or ``{"all": true}``; options ``dry_run``, ``rate``,
   ``reset_attempts`` (default true), ``set_body`` (one id);
 - ``POST /admin/parked/reject``: ``{"ids": [...], "reason": "..."}``;
-- ``GET  /admin/stats`` (``?campaign=ID``), ``GET /admin/campaigns/{id}``.
+- ``GET  /admin/stats`` (``?campaign=ID``), ``GET /admin/campaigns/{id}``;
+- ``GET  /admin/openapi.json``: the OpenAPI document of these routes
+  (:mod:`consumer.admin.openapi`), behind the token like the rest.
 
 Replay and reject are written to ``audit_log`` (when, what, which token
 label, how many messages), also when they fail.
@@ -46,6 +48,7 @@ from aio_pika.abc import AbstractRobustConnection
 from aiohttp import web
 
 from consumer.admin import audit
+from consumer.admin.openapi import document as openapi_document
 from consumer.errors import ConfigError
 from consumer.parking.lot import (
     Lot,
@@ -138,6 +141,7 @@ class AdminApi:
         app.router.add_get("/parked/{id}", self.parked_show)
         app.router.add_get("/stats", self.stats)
         app.router.add_get("/campaigns/{id}", self.campaign)
+        app.router.add_get("/openapi.json", self.openapi)
         return app
 
     @web.middleware
@@ -157,6 +161,9 @@ class AdminApi:
 
     @web.middleware
     async def _errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        # PostgreSQL cannot store a NUL character in text: refuse it before any query.
+        if _holds_nul([*request.query.values(), *request.match_info.values()]):
+            return _problem(400, "a parameter holds a NUL character")
         try:
             return await handler(request)
         except NotFound as exc:
@@ -169,10 +176,12 @@ class AdminApi:
     async def _body(self, request: web.Request) -> dict[str, Any]:
         try:
             body = await request.json()
-        except ValueError:
-            raise LotError("the request body is not JSON") from None
+        except (ValueError, RecursionError):
+            raise LotError("the request body is not JSON (or is nested too deeply)") from None
         if not isinstance(body, dict):
             raise LotError("the request body must be a JSON object")
+        if _holds_nul(body):
+            raise LotError("the request body holds a NUL character")
         return body
 
     async def _audited(self, request: web.Request, action: str, params: dict[str, Any],
@@ -192,6 +201,9 @@ class AdminApi:
         return web.json_response(answer)
 
     # -- reading -------------------------------------------------------------------
+
+    async def openapi(self, _: web.Request) -> web.Response:
+        return web.json_response(openapi_document())
 
     async def status(self, _: web.Request) -> web.Response:
         answer = self.service_status()
@@ -294,6 +306,22 @@ class AdminApi:
 
         return await self._audited(
             request, "parked.reject", {"ids": [str(i) for i in ids], "reason": reason}, work)
+
+
+def _holds_nul(value: Any) -> bool:
+    """Whether a NUL character is in any string of a parsed JSON value (keys too)."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if "\x00" in item:
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
 
 
 def _strings(value: Any, name: str) -> list[str]:

@@ -17,7 +17,7 @@ from typing import NoReturn
 
 from consumer.cli import campaign, demo, parked, prune, publish, service, stats, status
 from consumer.errors import ConfigError
-from consumer.settings import Settings
+from consumer.settings import Settings, unknown_variables
 
 
 class ArgumentError(Exception):
@@ -62,6 +62,8 @@ def _main(argv: Sequence[str] | None) -> int:
     from consumer import logs
 
     logs.configure(settings.log_level)
+    for warning in unknown_variables():
+        logs.get_logger("herald.settings").warning("settings.unknown_variable", detail=warning)
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
         code: int = runner.run(args.handler(args, settings))
         return code

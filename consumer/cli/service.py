@@ -62,11 +62,18 @@ async def _run(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def _migrate(args: argparse.Namespace, settings: Settings) -> int:
-    from consumer.migrate import migrate
+    from consumer.migrate import MigrationError, migrate
 
-    conn = await asyncpg.connect(settings.database_url)
+    try:
+        conn = await asyncpg.connect(settings.database_url)
+    except (OSError, asyncpg.PostgresError) as exc:
+        print(f"herald: cannot reach the database: {exc}", file=sys.stderr)
+        return 1
     try:
         applied = await migrate(conn)
+    except MigrationError as exc:
+        print(f"herald: {exc}", file=sys.stderr)
+        return 1
     finally:
         await conn.close()
     if applied:

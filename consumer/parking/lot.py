@@ -251,7 +251,7 @@ async def resolve_ids(pool: asyncpg.Pool, texts: Sequence[str]) -> tuple[uuid.UU
         except ValueError:
             pass
         hexed = raw.replace("-", "")
-        if len(hexed) < 6 or any(c not in "0123456789abcdef" for c in hexed):
+        if not 6 <= len(hexed) <= 32 or any(c not in "0123456789abcdef" for c in hexed):
             raise LotError(f"{text!r} is not a parked message id (or a prefix of 6+ hex digits)")
         low = uuid.UUID(hexed.ljust(32, "0"))
         high = uuid.UUID(hexed.ljust(32, "f"))
