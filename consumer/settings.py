@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
+from consumer.admin.tokens import parse_tokens
 from consumer.errors import ConfigError
 
 T = TypeVar("T")
@@ -82,6 +83,12 @@ def _text(raw: str) -> str:
     return raw
 
 
+def _admin_tokens(raw: str) -> str:
+    # Checked at start-up (format, roles, weak tokens); raises ConfigError's one line.
+    parse_tokens(_text(raw))
+    return raw
+
+
 def _env(var: str, parse: Callable[[str], Any] = _text, default: Any = None) -> Any:
     """A dataclass field bound to an environment variable."""
     return field(default=default, metadata={"env": var, "parse": parse})
@@ -100,7 +107,7 @@ class Settings:
     http_port: int = _env("HERALD_HTTP_PORT", _int(0, 65535), 8080)
     public_url: str = _env("HERALD_PUBLIC_URL", _url("http", "https"), "http://127.0.0.1:8080")
     prefetch: int = _env("HERALD_PREFETCH", _int(1, 65535), 256)
-    admin_token: str | None = _env("HERALD_ADMIN_TOKEN")
+    admin_token: str | None = _env("HERALD_ADMIN_TOKEN", _admin_tokens)
     send_timeout_s: float = _env("HERALD_SEND_TIMEOUT_S", _float(0.1, 300), 10.0)
     max_attempts: int = _env("HERALD_MAX_ATTEMPTS", _int(1, 100), 5)
     base_delay_s: float = _env("HERALD_BASE_DELAY_S", _float(1, 262143), 30.0)
