@@ -18,6 +18,7 @@ Definitions (all over messages attempted at least once, unless said):
 from __future__ import annotations
 
 from dataclasses import asdict
+from datetime import timedelta
 from typing import Any
 
 import asyncpg
@@ -139,7 +140,7 @@ async def recent_flow(pool: asyncpg.Pool, window_s: float = 3600) -> dict[str, d
     parked in the window. Read through messages_status_idx (status, updated_at)
     and parked_state_time_idx (state, parked_at); the cost grows with the
     window's traffic, not with the tables."""
-    window = f"{float(window_s)} seconds"
+    window = timedelta(seconds=window_s)
     found: dict[str, dict[str, int]] = {}
 
     def add(rows: list[asyncpg.Record], key: str) -> None:

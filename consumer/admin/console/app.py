@@ -52,6 +52,7 @@ from consumer.records import campaigns
 from consumer.records.history import load_status
 from consumer.records.stats import campaign_overview, recent_flow, statistics
 from consumer.settings import Settings
+from schemas import SendRequest
 from schemas.send_request import CHANNELS
 
 log = structlog.get_logger("herald.console")
@@ -63,6 +64,8 @@ StatusSource = Callable[[], dict[str, Any]]
 _STATIC = {"console.css": "text/css", "console.js": "text/javascript"}
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd])\s*$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+# The signed-in session of the request in hand (set by the guard middleware).
+SESSION = web.RequestKey("herald_console_session", Session)
 _SECURITY_HEADERS = {
     "Content-Security-Policy": (
         "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:;"
@@ -264,7 +267,7 @@ class Console:
                                  secure=settings.public_url.startswith("https://"))
         self.env = jinja2.Environment(
             loader=jinja2.PackageLoader("consumer.admin.console", "templates"),
-            autoescape=True, undefined=jinja2.StrictUndefined, trim_blocks=True,
+            autoescape=True, trim_blocks=True,
             lstrip_blocks=True)
         self.env.filters.update(time=fmt_time, ago=fmt_ago, age=fmt_age, share=fmt_share,
                                 num=fmt_num, pretty=pretty, mask=mask_recipient)
@@ -303,7 +306,7 @@ class Console:
 
     def render(self, request: web.Request, template: str, *, status: int = 200,
                **context: Any) -> web.Response:
-        session: Session | None = request.get("session")
+        session: Session | None = request.get(SESSION)
         html = self.env.get_template(template).render(
             session=session, csrf=session.csrf if session else "", path=request.path,
             **context)
@@ -333,7 +336,7 @@ class Console:
                 target = request.path_qs if request.path != PATH else PATH
                 raise web.HTTPSeeOther(f"{PATH}login?next={quote(target)}")
             return self._refusal(request, 401, "sign in first (the session ended)")
-        request["session"] = session
+        request[SESSION] = session
         if request.method == "POST":
             form = await request.post()
             given = form.get("csrf")
@@ -369,7 +372,7 @@ class Console:
             return self._refusal(request, 400, str(exc))
 
     def _operator(self, request: web.Request) -> Session:
-        session: Session = request["session"]
+        session: Session = request[SESSION]
         if not session.can_act:
             log.warning("console.forbidden", path=request.path, actor=session.label)
             raise Refused(403, f"forbidden: {session.label} signed in as {session.role},"
@@ -605,7 +608,13 @@ class Console:
             raise LotError(f"{parked_id} is not parked (state {row['state']})")
         before_bytes = bytes(row["replay_body"] or row["body"])
         after_bytes = edited_body(Edit(body=text), before_bytes, row["channel"])
-        before = pretty(json.loads(before_bytes))
+        try:
+            # Through the model as the edit went, so that only real changes show.
+            shown: Any = SendRequest.model_validate_json(before_bytes).model_dump(
+                mode="json", exclude_none=True)
+        except ValueError:
+            shown = json.loads(before_bytes)
+        before = pretty(shown)
         after = pretty(json.loads(after_bytes))
         return self.render(request, "edit.html", parked_id=str(parked_id), text=text,
                            before=before, after=after, diff=line_diff(before, after),
