@@ -46,8 +46,8 @@ _PLACEHOLDER_WORDS = frozenset({
     "replace", "replaceme", "secret", "test", "todo", "token", "your", "yours", "here",
     "xxx", "xxxx", "sample", "local", "local-only", "prod", "production", "staging",
 })
-_PLACEHOLDER_MARKS = ("changeme", "replaceme", "placeholder", "yourtoken", "yoursecret",
-                      "insertyour", "putyour", "settoken")
+_PLACEHOLDER_MARKS = ("changeme", "replaceme", "replacewith", "placeholder", "yourtoken",
+                      "yoursecret", "insertyour", "putyour", "settoken")
 
 
 @dataclass(frozen=True)

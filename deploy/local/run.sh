@@ -33,7 +33,13 @@ while IFS= read -r line; do
     [[ -n "${!name:-}" ]] || eval "$line"
 done < <("$REPO/.venv/bin/python" -m consumer.sandbox "$SANDBOX_PORT")
 export HERALD_PUBLIC_URL="${HERALD_PUBLIC_URL:-http://127.0.0.1:${HERALD_HTTP_PORT:-8080}}"
-export HERALD_ADMIN_TOKEN="${HERALD_ADMIN_TOKEN:-demo-admin-token}"
+# A fresh random operator token per run unless the caller set tokens (a fixed demo
+# token would be a known password; Herald refuses short or placeholder tokens).
+if [[ -z "${HERALD_ADMIN_TOKEN:-}" ]]; then
+    demo_token="$("$REPO/.venv/bin/python" -c 'import secrets; print(secrets.token_urlsafe(24))')"
+    HERALD_ADMIN_TOKEN="demo:operator:$demo_token"
+fi
+export HERALD_ADMIN_TOKEN
 
 "$HERALD" sandbox --port "$SANDBOX_PORT" > "$REPO/.local/sandbox.log" 2>&1 &
 children+=($!)
@@ -54,12 +60,19 @@ for _ in $(seq 1 120); do
 done
 is_ready || die "herald run not ready after 60 s; see .local/herald.log"
 echo "herald is running (logs: .local/herald.log, sandbox: .local/sandbox.log)"
+console="http://127.0.0.1:${HERALD_HTTP_PORT:-8080}/console/"
+if [[ -n "${demo_token:-}" ]]; then
+    echo "Operator console: $console — sign in with this run's token: $demo_token"
+    echo "(the admin API takes it too: Authorization: Bearer $demo_token)."
+else
+    echo "Operator console: $console — sign in with a token from your HERALD_ADMIN_TOKEN"
+fi
 echo
 
 if [[ -z "${HERALD_NO_DEMO:-}" ]]; then
     "$HERALD" demo --sandbox-url "http://127.0.0.1:$SANDBOX_PORT" || true
 fi
 echo
-echo "Herald keeps running; in another terminal: . deploy/local/env.sh, then the commands above"
-echo "(the admin API token is \$HERALD_ADMIN_TOKEN = $HERALD_ADMIN_TOKEN). Ctrl-C stops it."
+echo "Herald keeps running; in another terminal: . deploy/local/env.sh, then the commands above."
+echo "Console: $console. Ctrl-C stops Herald."
 wait "$herald_pid"

@@ -340,3 +340,18 @@ def test_help_lists_the_operator_commands() -> None:
     result = herald("parked", "replay", "--help")
     for flag in ("--dry-run", "--rate", "--no-reset-attempts", "--set-body", "--all"):
         assert flag in result.stdout
+
+
+def test_the_deploy_files_ship_no_usable_admin_token() -> None:
+    import yaml
+
+    root = Path(__file__).resolve().parents[2]
+    docs = list(yaml.safe_load_all((root / "deploy/k8s/config.yaml").read_text()))
+    (secret,) = [d for d in docs if d["kind"] == "Secret"]
+    with pytest.raises(ConfigError, match="placeholder"):
+        parse_tokens(secret["stringData"]["HERALD_ADMIN_TOKEN"])
+    compose = yaml.safe_load((root / "deploy/compose.yaml").read_text())
+    # Off unless the person starting it gives tokens.
+    assert compose["x-herald"]["environment"]["HERALD_ADMIN_TOKEN"] == "${HERALD_ADMIN_TOKEN:-}"
+    run = (root / "deploy/local/run.sh").read_text()
+    assert "demo-admin-token" not in run and "secrets.token_urlsafe" in run

@@ -221,6 +221,20 @@ def pretty(value: Any) -> str:
     return json.dumps(value, indent=2, ensure_ascii=False, sort_keys=False, default=str)
 
 
+def describe(value: Any) -> str:
+    """A job's summary or a selection as one readable line."""
+    if isinstance(value, dict):
+        return "; ".join(f"{k.replace('_', ' ')}: {describe(v)}" for k, v in value.items()
+                         if v not in (None, [], {}, ""))
+    if isinstance(value, list | tuple):
+        return ", ".join(describe(v) for v in value)
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, str) and len(value) > 19 and value[4:5] == "-" and value[10:11] == "T":
+        return fmt_time(value)
+    return str(value)
+
+
 def body_text(body: Any, channel: str) -> str:
     """What the edit box shows for a request's ``body`` (the form sends it back)."""
     if isinstance(body, str) and channel != "http":
@@ -270,7 +284,8 @@ class Console:
             autoescape=True, trim_blocks=True,
             lstrip_blocks=True)
         self.env.filters.update(time=fmt_time, ago=fmt_ago, age=fmt_age, share=fmt_share,
-                                num=fmt_num, pretty=pretty, mask=mask_recipient)
+                                num=fmt_num, pretty=pretty, mask=mask_recipient,
+                                describe=describe)
         self.env.globals.update(base=PATH.rstrip("/"), query=query, quote=quote)
 
     def app(self) -> web.Application:
