@@ -180,7 +180,7 @@ def _chromium(profile: str) -> Any:
 @pytest.fixture
 async def browser(request: pytest.FixtureRequest,
                   monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Browser]:
-    if not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()):
+    if not (shutil.which(CHROMIUM) and shutil.which(CHROMEDRIVER)):
         pytest.fail("Debian's chromium and chromium-driver are needed: deploy/local/chromium.sh"
                     " install (make services runs it)")
     # Selenium must never fetch a driver or a browser.

@@ -225,6 +225,13 @@ async def test_a_viewer_sees_no_buttons_and_every_post_is_refused(
                    "#purge-form", "input.select-all"):
         assert not await browser.exists(absent), absent
     await browser.shot("lot-viewer")
+    # On a phone the rows become cards that fit the screen: nothing scrolls sideways.
+    await browser.resize(390, 844)
+    await browser.get(f"{herald.console}/parked")
+    assert await browser.script(
+        "return document.documentElement.scrollWidth <= window.innerWidth + 1") is True
+    await browser.shot("lot-viewer-phone")
+    await browser.resize(1280, 1000)
     await browser.get(f"{herald.console}/parked/{parked_id}")
     assert "http://127.0.0.1/…" in await browser.text("#recipient")
     for absent in ("#reveal", "#edit-form", "#replay-one", "#reject-one"):
