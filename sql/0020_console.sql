@@ -120,5 +120,8 @@ BEGIN
 END;
 $$;
 
--- Filtering the lot by error code (a badge's link) pages in parked_at order.
+-- Filtering the lot by error code pages in parked_at order: a code badge's
+-- link names its error type too (the first index); the filter form may name
+-- a code alone (the second).
+CREATE INDEX parked_state_error_code_idx ON parked_messages (state, error_type, error_code, parked_at);
 CREATE INDEX parked_state_code_idx ON parked_messages (state, error_code, parked_at);

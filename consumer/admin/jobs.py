@@ -303,10 +303,15 @@ class LotJobs:
     def _progress(self, report: ReplayReport) -> None:
         self._report = report
 
-    async def _beat(self, job: Job, holder: Any) -> None:
-        """Write the progress and the heartbeat; learn about a cancel request."""
-        while True:
-            await asyncio.sleep(self.heartbeat_s)
+    async def _beat(self, job: Job, holder: Any, stop: asyncio.Event) -> None:
+        """Write the progress and the heartbeat; learn about a cancel request.
+        Stopped by ``stop`` between two writes (never cancelled mid-query: the
+        connection is used again after)."""
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), self.heartbeat_s)
+            if stop.is_set():
+                return
             total, done, report = _replay_figures(self._report)
             try:
                 cancel = await holder.fetchval(
@@ -324,7 +329,15 @@ class LotJobs:
         self._cancel = False
         self._report = None
         log.info("job.started", job=job.id, kind=job.kind, actor=job.created_by)
-        beat = asyncio.create_task(self._beat(job, holder), name=f"herald-job-{job.id}")
+        stop_beat = asyncio.Event()
+        beat = asyncio.create_task(self._beat(job, holder, stop_beat),
+                                   name=f"herald-job-{job.id}")
+
+        async def end_beat() -> None:
+            stop_beat.set()
+            with contextlib.suppress(Exception):
+                await beat
+
         state, error, affected = "done", None, 0
         total: int | None = None
         done = 0
@@ -342,9 +355,7 @@ class LotJobs:
                 affected = sweep.marked
                 report = sweep.to_json()
         except LotBusy:
-            beat.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await beat
+            await end_beat()
             await holder.execute(
                 """UPDATE lot_jobs SET state = 'queued', runner = NULL,
                           error = 'waiting: another replay, reject, purge or sync is running'
@@ -355,6 +366,7 @@ class LotJobs:
                 await asyncio.wait_for(self._closed.wait(), self.poll_s)
             return
         except asyncio.CancelledError:
+            stop_beat.set()
             beat.cancel()
             raise  # the row stays 'running'; the next sweep marks it interrupted
         except LotError as exc:
@@ -362,9 +374,7 @@ class LotJobs:
         except Exception as exc:
             state, error = "failed", f"{type(exc).__name__}: {exc}"[:1000]
             log.exception("job.failed", job=job.id)
-        beat.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await beat
+        await end_beat()
         await holder.execute(
             """UPDATE lot_jobs SET state = $2, finished_at = now(), heartbeat_at = now(),
                       total = COALESCE($3, total), done = $4, report = $5, error = $6

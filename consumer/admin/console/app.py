@@ -11,6 +11,7 @@ copies out of the parking queue runs as a background job
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import difflib
 import json
 import re
@@ -584,14 +585,21 @@ class Console:
                       edit: dict[str, Any] | None = None) -> web.Response:
         (parked_id,) = await resolve_ids(self.pool, [request.match_info["id"]])
         doc = await show(self.pool, parked_id, reveal=reveal)
-        body = doc["edited_body"] if doc["edited_body"] is not None else doc["body"]
-        request_body = body.get("body") if isinstance(body, dict) else None
-        editable = isinstance(body, dict) and "body" in body
+        edit_text = None
+        if request[SESSION].can_act and doc["parked"]["state"] == "parked":
+            # The edit box starts from the request as it would be replayed, unmasked:
+            # a masked value sent back would replace the real one.
+            raw = await self.pool.fetchval(
+                "SELECT COALESCE(replay_body, body) FROM parked_messages WHERE parked_id = $1",
+                parked_id)
+            with contextlib.suppress(ValueError, UnicodeDecodeError):
+                current = json.loads(bytes(raw))
+                if isinstance(current, dict) and "body" in current:
+                    edit_text = body_text(current["body"], doc["parked"]["channel"])
         return self.render(
             request, "message.html", doc=doc, parked=doc["parked"], revealed=reveal,
-            editable=editable and doc["parked"]["state"] == "parked",
-            edit_text=body_text(request_body, doc["parked"]["channel"]) if editable else "",
-            edit=edit, history=doc["history"])
+            editable=edit_text is not None, edit_text=edit_text or "", edit=edit,
+            history=doc["history"])
 
     async def reveal(self, request: web.Request) -> web.Response:
         session = self._operator(request)
