@@ -248,6 +248,7 @@ class LotJobs:
         """Mark ``interrupted`` the running jobs whose runner is gone (see the
         module's docstring); returns how many."""
         found = 0
+        ended: list[int] = []
         async with self.pool.acquire() as conn:
             for row in await conn.fetch(
                     "SELECT id, audit_id FROM lot_jobs WHERE state = 'running'"):
@@ -267,8 +268,11 @@ class LotJobs:
                     found += 1
                     log.warning("job.interrupted", job=row["id"])
                     if row["audit_id"] is not None:
-                        await audit.finish(self.pool, row["audit_id"], affected=0,
-                                           outcome="interrupted: its process stopped")
+                        ended.append(row["audit_id"])
+        # Not while holding a connection: never two at once from this pool.
+        for audit_id in ended:
+            await audit.finish(self.pool, audit_id, affected=0,
+                               outcome="interrupted: its process stopped")
         return found
 
     async def _claim(self) -> tuple[Job, Any] | None:
