@@ -23,6 +23,8 @@ from tests.helpers import publish_all, request, wait_for
 from tests.integration.operator_tools import wait_parked
 
 _CSRF_RE = re.compile(r'name="csrf" value="([^"]+)"')
+# Any answer slower than this is a failure to report, not a hang to wait out.
+TIMEOUT = aiohttp.ClientTimeout(total=30)
 
 
 class Client:
@@ -66,7 +68,8 @@ class Client:
 
 @pytest.fixture
 async def client(herald: RunningHerald) -> AsyncIterator[Client]:
-    async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as session:
+    async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True),
+                                     timeout=TIMEOUT) as session:
         yield Client(herald, session)
 
 
@@ -128,7 +131,8 @@ async def test_every_page_renders_for_an_operator_and_a_viewer(
     status, page, _ = await client.get("/console/campaigns/spring")
     assert "missed" in page  # 6 of 9 succeeded: below 90 %
 
-    async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as other:
+    async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True),
+                                     timeout=TIMEOUT) as other:
         viewer = Client(herald, other)
         await viewer.sign_in(VIEW_TOKEN)
         for path in pages:
@@ -199,7 +203,7 @@ async def test_cookie_is_secure_behind_https_and_cross_origin_posts_are_refused(
     try:
         assert service.runner is not None
         base = f"http://127.0.0.1:{service.runner.addresses[0][1]}"
-        async with aiohttp.ClientSession() as session:
+        async with aiohttp.ClientSession(timeout=TIMEOUT) as session:
             async with session.get(f"{base}/console/login") as response:
                 page = await response.text()
                 login_cookie = response.cookies["__Secure-herald_login"]
@@ -240,7 +244,8 @@ async def test_a_background_replay_is_visible_to_others_cancellable_and_runs_aga
 
     await wait_for(started, timeout=20, what="the replay to get going")
     # Another person sees it, live; a viewer may not cancel it.
-    async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as other:
+    async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True),
+                                     timeout=TIMEOUT) as other:
         viewer = Client(herald, other)
         await viewer.sign_in(VIEW_TOKEN)
         status, page, _ = await viewer.get("/console/jobs")
