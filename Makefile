@@ -16,17 +16,19 @@ STAMP := $(VENV)/.herald-installed
 WITH_ENV := . deploy/local/env.sh &&
 PYTEST_ARGS ?=
 
-.PHONY: help venv services lint typecheck test run bench bench-events down clean-data
+.PHONY: help venv services lint typecheck test run bench bench-events bench-console down clean-data
 
 help:
 	@echo 'make venv        create .venv and install herald[dev] (again when pyproject.toml changes)'
-	@echo 'make services    start the local RabbitMQ (5673) and PostgreSQL (5433); install promtool and the AsyncAPI parser'
+	@echo 'make services    start the local RabbitMQ (5673) and PostgreSQL (5433); install promtool,'
+	@echo '                 the AsyncAPI parser, and chromium + chromedriver for the console tests'
 	@echo 'make lint        ruff check .'
 	@echo 'make typecheck   mypy (packages consumer and schemas)'
 	@echo 'make test        venv + services + lint + typecheck + pytest $$PYTEST_ARGS'
 	@echo 'make run         venv + services + herald migrate + herald sandbox (background) + herald run'
 	@echo 'make bench       venv + services + bench/bench_pipeline.py'
 	@echo 'make bench-events venv + services + bench/bench_events.py (webhooks accepted/applied per second)'
+	@echo 'make bench-console venv + services + bench/bench_console.py (a console page over 1,000,000 parked)'
 	@echo 'make down        stop the local services (data kept)'
 	@echo 'make clean-data  stop them and delete .local (all their data)'
 
@@ -41,6 +43,7 @@ services:
 	deploy/local/up.sh
 	deploy/local/prometheus.sh install
 	deploy/local/asyncapi.sh install
+	deploy/local/chromium.sh install
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -59,6 +62,9 @@ bench: $(STAMP) services
 
 bench-events: $(STAMP) services
 	$(WITH_ENV) $(BIN)/python bench/bench_events.py
+
+bench-console: $(STAMP) services
+	$(WITH_ENV) $(BIN)/python bench/bench_console.py
 
 down:
 	deploy/local/down.sh

@@ -46,6 +46,30 @@ SELECT channel, extract(epoch FROM now() - min(next_attempt_at))::float8 AS age
 """
 
 
+async def queue_depths(connection: AbstractRobustConnection,
+                       names: Names) -> dict[str, dict[str, int]]:
+    """Ready messages and consumers of each of Herald's queues, asked of the broker now."""
+    found: dict[str, dict[str, int]] = {}
+    channel = await connection.channel()
+    try:
+        # The underlying channel: a robust channel would answer from its cache.
+        underlay = await channel.get_underlay_channel()
+        for queue in Topology(names).queues:
+            result = await underlay.queue_declare(queue["name"], passive=True, timeout=10)
+            found[queue["name"]] = {"messages": int(result.message_count or 0),
+                                    "consumers": int(result.consumer_count or 0)}
+    finally:
+        await channel.close()
+    return found
+
+
+async def backlog_ages(pool: asyncpg.Pool) -> dict[str, float]:
+    """Per channel, how long the most overdue known message has waited for its
+    attempt, in seconds (see the module's docstring)."""
+    rows = await pool.fetch(BACKLOG_SQL, timeout=10)
+    return {row["channel"]: max(0.0, float(row["age"])) for row in rows}
+
+
 class Observer:
     """A component that sets the queue and backlog gauges every ``interval_s`` seconds."""
 
@@ -109,7 +133,6 @@ class Observer:
         QUEUE_CONSUMERS.labels(queue).set(result.consumer_count or 0)
 
     async def _observe_backlog(self, pool: asyncpg.Pool) -> None:
-        rows = await pool.fetch(BACKLOG_SQL, timeout=10)
-        ages = {row["channel"]: max(0.0, float(row["age"])) for row in rows}
+        ages = await backlog_ages(pool)
         for channel in sorted(set(CHANNELS) | set(ages)):
             BACKLOG_OLDEST.labels(channel).set(ages.get(channel, 0.0))

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
+from consumer.admin.tokens import parse_tokens
 from consumer.delivery.outage import Thresholds
 from consumer.errors import ConfigError
 
@@ -93,6 +94,7 @@ def _text(raw: str) -> str:
 
 
 def _networks(raw: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    """comma-separated CIDRs, e.g. `127.0.0.0/8,10.1.0.0/16`"""
     networks = []
     for part in (p.strip() for p in raw.split(",")):
         if not part:
@@ -107,12 +109,20 @@ def _networks(raw: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, 
 
 
 def _signing_secrets(raw: str) -> tuple[str, ...]:
+    """comma-separated secrets of 16 characters or more, newest first"""
     secrets = tuple(p.strip() for p in raw.split(",") if p.strip())
     if not secrets:
         raise ValueError("must name at least one secret")
     if any(len(s) < 16 for s in secrets):
         raise ValueError("each secret must be at least 16 characters")
     return secrets
+
+
+def _admin_tokens(raw: str) -> str:
+    """comma-separated `label:role:token`, each token 16 characters or more"""
+    # Checked at start-up (format, roles, weak tokens); raises ConfigError's one line.
+    parse_tokens(_text(raw))
+    return raw
 
 
 def _env(var: str, parse: Callable[[str], Any] = _text, default: Any = None) -> Any:
@@ -136,7 +146,7 @@ class Settings:
     admin_port: int = _env("HERALD_ADMIN_PORT", _int(0, 65535), 8081)
     public_url: str = _env("HERALD_PUBLIC_URL", _url("http", "https"), "http://127.0.0.1:8080")
     prefetch: int = _env("HERALD_PREFETCH", _int(1, 65535), 256)
-    admin_token: str | None = _env("HERALD_ADMIN_TOKEN")
+    admin_token: str | None = _env("HERALD_ADMIN_TOKEN", _admin_tokens)
     send_timeout_s: float = _env("HERALD_SEND_TIMEOUT_S", _float(0.1, 300), 10.0)
     max_attempts: int = _env("HERALD_MAX_ATTEMPTS", _int(1, 100), 5)
     base_delay_s: float = _env("HERALD_BASE_DELAY_S", _float(1, 262143), 30.0)

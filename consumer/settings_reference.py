@@ -39,9 +39,11 @@ SECTIONS: list[tuple[str, list[tuple[str, str]]]] = [
         ("HERALD_PUBLIC_URL", "Herald's base URL as the providers reach it. Twilio is told "
          "to post status callbacks to this URL + `/webhooks/twilio`, and signs that full "
          "URL, so a wrong value makes every Twilio callback fail its signature check."),
-        ("HERALD_ADMIN_TOKEN", "Bearer tokens of the admin API, comma-separated, each "
-         "optionally `label:token` (the label is what the audit log records). Unset: the "
-         "admin API is not served at all."),
+        ("HERALD_ADMIN_TOKEN", "Tokens of the admin API and the console, comma-separated, "
+         "each `label:role:token` with role `viewer` (reads, recipients masked) or "
+         "`operator` (also replays, edits, rejects, reveals); `label:token` and a bare "
+         "token are operators. The audit log records the label. A placeholder or a token "
+         "under 16 characters stops start-up. Unset: neither is served."),
     ]),
     ("Delivery and retries", [
         ("HERALD_PREFETCH", "Messages each channel consumer holds unacknowledged at once: "

@@ -2,44 +2,43 @@
 
 Every request needs ``Authorization: Bearer <token>``; a missing or wrong
 token is answered 401 and nothing else happens. Without a configured token
-the API is not mounted at all.
-
-``HERALD_ADMIN_TOKEN`` holds one token, or several separated by commas, each
-optionally labelled ``label:token`` (label: a letter, then letters, digits,
-``_ . -``, up to 64). An unlabelled token's label is ``sha256:`` and the first
-8 hex digits of its SHA-256. The audit log names the label, never the token.
-Tokens are compared as SHA-256 digests with :func:`hmac.compare_digest`, each
-configured token every time, so the answer's timing says nothing about them.
+neither this API nor the console (:mod:`consumer.admin.console`) is mounted.
+Token format, labels and roles: :mod:`consumer.admin.tokens`. A ``viewer``
+token may only read (recipients masked): a POST, or ``?reveal=true``, is
+answered 403 and written to the audit log as refused.
 
 Routes (JSON in and out):
 
 - ``GET  /admin/status``: consumers per channel, paused channels and why,
   in-flight messages, queue depths, the parking lot's size;
 - ``GET  /admin/parked``: list (query: channel, error_type (repeatable or
-  comma-separated), campaign, recipient, since, until, limit, offset,
-  newest_first); ``GET /admin/parked/{id}``: show (``?reveal=true`` unmasks);
+  comma-separated), error_code, campaign, recipient, since, until, limit,
+  offset, newest_first); ``GET /admin/parked/{id}``: show (``?reveal=true``
+  unmasks: operators only, audited);
 - ``POST /admin/parked/replay``: ``{"ids": [...]}`` or filters
-  (``error_types``, ``channel``, ``campaign``, ``recipient``, ``since``,
-  ``until``) or ``{"all": true}``; options ``dry_run``, ``rate``,
-  ``reset_attempts`` (default true), ``set_body`` (one id);
+  (``error_types``, ``error_code``, ``channel``, ``campaign``, ``recipient``,
+  ``since``, ``until``) or ``{"all": true}``; options ``dry_run``, ``rate``,
+  ``reset_attempts`` (default true), ``set_body`` (one id), ``background``
+  (queue it as a job and answer 202 with the job at once);
 - ``POST /admin/parked/reject``: ``{"ids": [...], "reason": "..."}``;
+- ``GET  /admin/jobs``, ``GET /admin/jobs/{id}``, ``POST /admin/jobs/{id}/cancel``:
+  background jobs (:mod:`consumer.admin.jobs`), the console's too;
 - ``GET  /admin/stats`` (``?campaign=ID``), ``GET /admin/campaigns/{id}``;
 - ``GET  /admin/openapi.json``: the OpenAPI document of these routes
   (:mod:`consumer.admin.openapi`), behind the token like the rest.
 
-Replay and reject are written to ``audit_log`` (when, what, which token
-label, how many messages), also when they fail.
+Every replay, reject, cancel and reveal is written to ``audit_log`` (when,
+what, which token label) *before* it runs, with outcome ``started``; the
+outcome and how many messages it touched are filled in after, also when it
+fails.
 """
 
 from __future__ import annotations
 
 import contextvars
-import hashlib
-import hmac
-import re
+import dataclasses
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
@@ -48,8 +47,12 @@ from aio_pika.abc import AbstractRobustConnection
 from aiohttp import web
 
 from consumer.admin import audit
+from consumer.admin.console import add_console_routes
+from consumer.admin.jobs import LotJobs, selection_params
 from consumer.admin.openapi import document as openapi_document
+from consumer.admin.tokens import AdminToken, authenticate, parse_tokens
 from consumer.errors import ConfigError
+from consumer.gauges import queue_depths
 from consumer.parking.lot import (
     Lot,
     LotError,
@@ -65,52 +68,15 @@ from consumer.parking.replay import Edit, ReplayOptions, replay
 from consumer.records import campaigns
 from consumer.records.stats import statistics
 from consumer.settings import Settings
-from consumer.topology import Names, Topology
+from consumer.topology import Names
 
 log = structlog.get_logger("herald.admin")
 
-_LABEL_RE = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,63}")
-# The label of the token the request in hand presented (set by the auth middleware).
-_caller: contextvars.ContextVar[str] = contextvars.ContextVar("herald_admin_caller")
+# The token the request in hand presented (set by the auth middleware).
+_caller: contextvars.ContextVar[AdminToken] = contextvars.ContextVar("herald_admin_caller")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-@dataclass(frozen=True)
-class AdminToken:
-    label: str
-    digest: bytes
-
-
-def parse_tokens(raw: str) -> list[AdminToken]:
-    """The tokens of ``HERALD_ADMIN_TOKEN`` (see the module's docstring)."""
-    tokens = []
-    for item in raw.split(","):
-        item = item.strip()
-        if not item:
-            continue
-        label, sep, secret = item.partition(":")
-        if not (sep and _LABEL_RE.fullmatch(label) and secret):
-            secret = item
-            label = "sha256:" + hashlib.sha256(item.encode()).hexdigest()[:8]
-        tokens.append(AdminToken(label, hashlib.sha256(secret.encode()).digest()))
-    if not tokens:
-        raise ConfigError("HERALD_ADMIN_TOKEN: holds no token")
-    if len({t.label for t in tokens}) != len(tokens):
-        raise ConfigError("HERALD_ADMIN_TOKEN: two tokens share a label")
-    return tokens
-
-
-def authenticate(header: str | None, tokens: list[AdminToken]) -> str | None:
-    """The label of the token a request presents, or None."""
-    scheme, _, presented = (header or "").partition(" ")
-    if scheme.lower() != "bearer" or not presented.strip():
-        return None
-    digest = hashlib.sha256(presented.strip().encode()).digest()
-    found = None
-    for token in tokens:  # every one, whatever matched: constant work per request
-        if hmac.compare_digest(digest, token.digest):
-            found = token.label
-    return found
+# Re-exported: the CLI's tests and older callers import them from here.
+__all__ = ["AdminApi", "add_admin_routes", "authenticate", "parse_tokens"]
 
 
 def _problem(status: int, message: str) -> web.Response:
@@ -124,13 +90,14 @@ StatusSource = Callable[[], dict[str, Any]]
 class AdminApi:
     def __init__(self, *, settings: Settings, pool: asyncpg.Pool, names: Names,
                  connection: AbstractRobustConnection, status: StatusSource,
-                 tokens: list[AdminToken]) -> None:
+                 tokens: list[AdminToken], jobs: LotJobs | None = None) -> None:
         self.settings = settings
         self.names = names
         self.connection = connection
         self.service_status = status
         self.tokens = tokens
         self.lot = Lot(pool, settings.amqp_url, names)
+        self.jobs = jobs or LotJobs(self.lot)
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self._auth, self._errors])
@@ -139,6 +106,9 @@ class AdminApi:
         app.router.add_post("/parked/replay", self.parked_replay)
         app.router.add_post("/parked/reject", self.parked_reject)
         app.router.add_get("/parked/{id}", self.parked_show)
+        app.router.add_get("/jobs", self.jobs_list)
+        app.router.add_get("/jobs/{id}", self.job_show)
+        app.router.add_post("/jobs/{id}/cancel", self.job_cancel)
         app.router.add_get("/stats", self.stats)
         app.router.add_get("/campaigns/{id}", self.campaign)
         app.router.add_get("/openapi.json", self.openapi)
@@ -146,15 +116,26 @@ class AdminApi:
 
     @web.middleware
     async def _auth(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        label = authenticate(request.headers.get("Authorization"), self.tokens)
-        if label is None:
+        caller = authenticate(request.headers.get("Authorization"), self.tokens)
+        if caller is None:
             log.warning("admin.unauthorized", method=request.method, path=request.path,
                         remote=request.remote)
             return web.json_response({"error": "unauthorized"}, status=401,
                                      headers={"WWW-Authenticate": 'Bearer realm="herald"'})
-        token = _caller.set(label)
+        wants_reveal = request.query.get("reveal") in ("1", "true")
+        if not caller.can_act and (request.method != "GET" or wants_reveal):
+            log.warning("admin.forbidden", method=request.method, path=request.path,
+                        actor=caller.label, role=caller.role)
+            await audit.record(self.lot.pool, source="api", actor=caller.label,
+                               action="refused", params={"method": request.method,
+                                                         "path": request.path[:200],
+                                                         "role": caller.role},
+                               affected=0, outcome=f"refused: role {caller.role}")
+            return _problem(403, f"forbidden: the token {caller.label!r} has role"
+                                 f" {caller.role!r}, which may only read")
+        token = _caller.set(caller)
         try:
-            with structlog.contextvars.bound_contextvars(admin=label):
+            with structlog.contextvars.bound_contextvars(admin=caller.label):
                 return await handler(request)
         finally:
             _caller.reset(token)
@@ -185,20 +166,21 @@ class AdminApi:
         return body
 
     async def _audited(self, request: web.Request, action: str, params: dict[str, Any],
-                       work: Callable[[], Awaitable[tuple[int, dict[str, Any]]]]
-                       ) -> web.Response:
-        """Run a mutating call and write its audit row, whether it worked or not."""
-        label = _caller.get()
+                       work: Callable[[], Awaitable[tuple[int, dict[str, Any]]]],
+                       *, status: int = 200) -> web.Response:
+        """Write the audit row, run the call, then record its outcome, whether it
+        worked or not."""
+        label = _caller.get().label
+        audit_id = await audit.begin(self.lot.pool, source="api", actor=label, action=action,
+                                     params=params)
         try:
             affected, answer = await work()
         except Exception as exc:
-            await audit.record(self.lot.pool, source="api", actor=label, action=action,
-                               params=params, affected=0, outcome=f"error: {exc}")
+            await audit.finish(self.lot.pool, audit_id, affected=0, outcome=f"error: {exc}")
             raise
-        await audit.record(self.lot.pool, source="api", actor=label, action=action,
-                           params=params, affected=affected)
+        await audit.finish(self.lot.pool, audit_id, affected=affected)
         log.info("admin.action", action=action, actor=label, affected=affected)
-        return web.json_response(answer)
+        return web.json_response(answer, status=status)
 
     # -- reading -------------------------------------------------------------------
 
@@ -207,7 +189,7 @@ class AdminApi:
 
     async def status(self, _: web.Request) -> web.Response:
         answer = self.service_status()
-        queues = await self._queue_depths()
+        queues = await queue_depths(self.connection, self.names)
         listing = await list_parked(self.lot.pool, Selection(), limit=0)
         paused = {name: ch["paused"] for name, ch in answer["channels"].items() if ch["paused"]}
         return web.json_response(answer | {
@@ -217,26 +199,13 @@ class AdminApi:
                        "index": listing.total, "by_error_type": listing.by_error_type},
         })
 
-    async def _queue_depths(self) -> dict[str, dict[str, int]]:
-        found: dict[str, dict[str, int]] = {}
-        channel = await self.connection.channel()
-        try:
-            # The underlying channel: a robust channel would answer from its cache.
-            underlay = await channel.get_underlay_channel()
-            for queue in Topology(self.names).queues:
-                result = await underlay.queue_declare(queue["name"], passive=True, timeout=10)
-                found[queue["name"]] = {"messages": int(result.message_count or 0),
-                                        "consumers": int(result.consumer_count or 0)}
-        finally:
-            await channel.close()
-        return found
-
     async def parked_list(self, request: web.Request) -> web.Response:
         q = request.query
         selection = Selection(
             channel=q.get("channel"),
             error_types=tuple(t for v in q.getall("error_type", []) for t in v.split(",") if t),
-            campaign=q.get("campaign"), recipient=q.get("recipient"),
+            error_code=q.get("error_code") or None, campaign=q.get("campaign"),
+            recipient=q.get("recipient"),
             since=_time(q.get("since"), "since"), until=_time(q.get("until"), "until"))
         limit = _int(q.get("limit"), "limit", 50, 1000)
         offset = _int(q.get("offset"), "offset", 0, 10**9)
@@ -246,8 +215,14 @@ class AdminApi:
 
     async def parked_show(self, request: web.Request) -> web.Response:
         (parked_id,) = await resolve_ids(self.lot.pool, [request.match_info["id"]])
-        reveal = request.query.get("reveal") in ("1", "true")
-        return web.json_response(await show(self.lot.pool, parked_id, reveal=reveal))
+        if request.query.get("reveal") in ("1", "true"):  # operators only (see _auth)
+
+            async def work() -> tuple[int, dict[str, Any]]:
+                return 1, await show(self.lot.pool, parked_id, reveal=True)
+
+            return await self._audited(request, "parked.reveal",
+                                       {"parked_id": str(parked_id)}, work)
+        return web.json_response(await show(self.lot.pool, parked_id, reveal=False))
 
     async def stats(self, request: web.Request) -> web.Response:
         return web.json_response(await statistics(
@@ -267,7 +242,8 @@ class AdminApi:
         selection = Selection(
             ids=ids, channel=_opt_str(body, "channel"),
             error_types=tuple(_strings(body.get("error_types"), "error_types")),
-            campaign=_opt_str(body, "campaign"), recipient=_opt_str(body, "recipient"),
+            error_code=_opt_str(body, "error_code"), campaign=_opt_str(body, "campaign"),
+            recipient=_opt_str(body, "recipient"),
             since=_time(_opt_str(body, "since"), "since"),
             until=_time(_opt_str(body, "until"), "until"), all=body.get("all") is True)
         rate = body.get("rate")
@@ -279,10 +255,14 @@ class AdminApi:
             rate=float(rate) if rate is not None else None,
             reset_attempts=body.get("reset_attempts") is not False,
             edit=Edit(body=set_body) if set_body is not None else None)
-        label = _caller.get()
+        label = _caller.get().label
         params = {"selection": selection.describe(), "dry_run": options.dry_run,
                   "rate": options.rate, "reset_attempts": options.reset_attempts,
                   "edited": set_body is not None}
+        if body.get("background") is True and not options.dry_run:
+            if selection.empty:
+                raise LotError("say what to replay: ids, filters, or all")
+            return await self._background_replay(selection, options, set_body, params)
 
         async def work() -> tuple[int, dict[str, Any]]:
             report = await replay(self.lot, options, label)
@@ -298,7 +278,7 @@ class AdminApi:
         if not ids:
             raise LotError("ids: name at least one parked message")
         reason = _opt_str(body, "reason") or ""
-        label = _caller.get()
+        label = _caller.get().label
 
         async def work() -> tuple[int, dict[str, Any]]:
             report = await reject(self.lot, ids, reason, label)
@@ -306,6 +286,43 @@ class AdminApi:
 
         return await self._audited(
             request, "parked.reject", {"ids": [str(i) for i in ids], "reason": reason}, work)
+
+    async def _background_replay(self, selection: Selection, options: ReplayOptions,
+                                 set_body: str | None, params: dict[str, Any]) -> web.Response:
+        label = _caller.get().label
+        if set_body is not None and len(selection.ids) != 1:
+            raise LotError("an edit (set_body) applies to exactly one id")
+        # What is parked now, not what is parked by the time the job runs.
+        now = datetime.now(UTC)
+        if selection.until is None or selection.until > now:
+            selection = dataclasses.replace(selection, until=now)
+        job_params = {"selection": selection_params(selection), "rate": options.rate,
+                      "reset_attempts": options.reset_attempts, "set_body": set_body}
+        audit_id = await audit.begin(self.lot.pool, source="api", actor=label,
+                                     action="parked.replay", params=params | {"job": True})
+        job = await self.jobs.submit("replay", job_params, params, label, audit_id)
+        return web.json_response(job.to_json(), status=202)
+
+    async def jobs_list(self, _: web.Request) -> web.Response:
+        return web.json_response({"jobs": [j.to_json() for j in await self.jobs.recent()]})
+
+    async def job_show(self, request: web.Request) -> web.Response:
+        job = await self.jobs.get(_job_id(request))
+        if job is None:
+            raise NotFound(f"no job {request.match_info['id']}")
+        return web.json_response(job.to_json())
+
+    async def job_cancel(self, request: web.Request) -> web.Response:
+        job_id = _job_id(request)
+        label = _caller.get().label
+
+        async def work() -> tuple[int, dict[str, Any]]:
+            job = await self.jobs.request_cancel(job_id, label)
+            if job is None:
+                raise NotFound(f"no job {job_id}")
+            return 1, job.to_json()
+
+        return await self._audited(request, "job.cancel", {"job": job_id}, work)
 
 
 def _holds_nul(value: Any) -> bool:
@@ -322,6 +339,13 @@ def _holds_nul(value: Any) -> bool:
         elif isinstance(item, list):
             stack.extend(item)
     return False
+
+
+def _job_id(request: web.Request) -> int:
+    try:
+        return int(request.match_info["id"])
+    except ValueError:
+        raise NotFound(f"no job {request.match_info['id']!r}") from None
 
 
 def _strings(value: Any, name: str) -> list[str]:
@@ -366,10 +390,25 @@ def _int(value: str | None, name: str, default: int, high: int) -> int:
 def add_admin_routes(app: web.Application, *, settings: Settings, pool: asyncpg.Pool,
                      names: Names, connection: AbstractRobustConnection,
                      status: StatusSource) -> None:
-    """Mount the admin API at /admin/ (the caller checked that a token is set)."""
+    """Mount the admin API at /admin/ and the console at /console/ (the caller
+    checked that a token is set), with the runner of their background jobs,
+    which starts and stops with ``app``."""
     assert settings.admin_token
     tokens = parse_tokens(settings.admin_token)
+    lot = Lot(pool, settings.amqp_url, names)
+    jobs = LotJobs(lot)
     api = AdminApi(settings=settings, pool=pool, names=names, connection=connection,
-                   status=status, tokens=tokens)
+                   status=status, tokens=tokens, jobs=jobs)
     app.add_subapp("/admin/", api.app())
-    log.info("admin.enabled", tokens=[t.label for t in tokens])
+    add_console_routes(app, settings=settings, lot=lot, connection=connection,
+                       status=status, tokens=tokens, jobs=jobs)
+
+    async def start_jobs(_: web.Application) -> None:
+        await jobs.start()
+
+    async def stop_jobs(_: web.Application) -> None:
+        await jobs.stop()
+
+    app.on_startup.append(start_jobs)
+    app.on_cleanup.append(stop_jobs)
+    log.info("admin.enabled", tokens=[f"{t.label} ({t.role})" for t in tokens])

@@ -75,6 +75,7 @@ class Selection:
     ids: tuple[uuid.UUID, ...] = ()
     channel: str | None = None
     error_types: tuple[str, ...] = ()
+    error_code: str | None = None
     campaign: str | None = None
     recipient: str | None = None
     since: datetime | None = None
@@ -83,8 +84,9 @@ class Selection:
 
     @property
     def empty(self) -> bool:
-        return not (self.ids or self.channel or self.error_types or self.campaign
-                    or self.recipient or self.since or self.until or self.all)
+        return not (self.ids or self.channel or self.error_types or self.error_code
+                    or self.campaign or self.recipient or self.since or self.until
+                    or self.all)
 
     def conditions(self, params: list[Any], *, alias: str = "p",
                    with_error_types: bool = True) -> list[str]:
@@ -104,6 +106,8 @@ class Selection:
                 found.append(f"{alias}.error_type = {arg(self.error_types[0])}")
             else:
                 found.append(f"{alias}.error_type = ANY({arg(list(self.error_types))}::text[])")
+        if self.error_code:
+            found.append(f"{alias}.error_code = {arg(self.error_code)}")
         if self.campaign:
             found.append(f"{alias}.campaign_id = {arg(self.campaign)}")
         if self.recipient:
@@ -119,7 +123,7 @@ class Selection:
         shown: dict[str, Any] = {}
         if self.ids:
             shown["ids"] = [str(i) for i in self.ids]
-        for key in ("channel", "campaign"):
+        for key in ("channel", "error_code", "campaign"):
             if getattr(self, key):
                 shown[key] = getattr(self, key)
         if self.error_types:
@@ -175,6 +179,8 @@ class Listing:
     by_error_type: dict[str, int]
     limit: int
     offset: int
+    # error_type → error code ('' for none) → parked copies
+    by_error_code: dict[str, dict[str, int]] = field(default_factory=dict)
 
     @property
     def total(self) -> int:
@@ -182,7 +188,7 @@ class Listing:
 
     def to_json(self) -> dict[str, Any]:
         return {"total": self.total, "by_error_type": self.by_error_type,
-                "limit": self.limit, "offset": self.offset,
+                "by_error_code": self.by_error_code, "limit": self.limit, "offset": self.offset,
                 "items": [r.to_json() for r in self.rows]}
 
 
@@ -217,27 +223,54 @@ async def list_parked(pool: asyncpg.Pool, selection: Selection, *, limit: int = 
     sql += f" LIMIT ${len(params) - 1} OFFSET ${len(params)}"
     async with pool.acquire() as conn:
         rows = await conn.fetch(sql, *params) if limit else []
-        counts = await count_parked(conn, selection)
-    return Listing([ParkedRow.from_record(r) for r in rows], counts, limit, offset)
+        codes = await count_parked_codes(conn, selection)
+    return Listing([ParkedRow.from_record(r) for r in rows], _by_type(codes), limit, offset,
+                   by_error_code=codes)
 
 
 async def count_parked(conn: Conn, selection: Selection) -> dict[str, int]:
-    """Parked copies per error_type matching ``selection``: from parked_counts
-    (a few rows, kept by triggers) when the selection is by channel, error_type
-    and campaign only, else counted from the index rows."""
+    """Parked copies per error_type matching ``selection`` (see
+    :func:`count_parked_codes`)."""
+    return _by_type(await count_parked_codes(conn, selection))
+
+
+def _by_type(codes: dict[str, dict[str, int]]) -> dict[str, int]:
+    return {error_type: sum(per_code.values()) for error_type, per_code in codes.items()}
+
+
+async def count_parked_codes(conn: Conn, selection: Selection) -> dict[str, dict[str, int]]:
+    """Parked copies matching ``selection`` per error_type and error code ('' for
+    none), both sorted: from parked_counts (a few rows, kept by triggers) when
+    the selection is by channel, error_type, error code and campaign only, else
+    counted from the index rows."""
     params: list[Any] = []
     if not (selection.ids or selection.recipient or selection.since or selection.until):
-        # parked_counts has the same channel, error_type and campaign_id columns.
+        # parked_counts has the same channel, error_type, error_code and campaign_id columns.
         where = ["c.parked <> 0", *selection.conditions(params, alias="c")]
-        sql = (f"SELECT c.error_type, sum(c.parked) AS n FROM parked_counts c"
-               f" WHERE {' AND '.join(where)} GROUP BY c.error_type")
+        sql = (f"SELECT c.error_type, c.error_code, sum(c.parked) AS n FROM parked_counts c"
+               f" WHERE {' AND '.join(where)} GROUP BY c.error_type, c.error_code")
     else:
         where = ["p.state = 'parked'", *selection.conditions(params)]
-        sql = (f"SELECT p.error_type, count(*) AS n FROM parked_messages p"
-               f" WHERE {' AND '.join(where)} GROUP BY p.error_type")
-    return {r["error_type"]: int(r["n"])
-            for r in sorted(await conn.fetch(sql, *params), key=lambda r: r["error_type"])
-            if r["n"]}
+        sql = (f"SELECT p.error_type, COALESCE(p.error_code, '') AS error_code, count(*) AS n"
+               f" FROM parked_messages p WHERE {' AND '.join(where)}"
+               f" GROUP BY p.error_type, COALESCE(p.error_code, '')")
+    found: dict[str, dict[str, int]] = {}
+    for r in sorted(await conn.fetch(sql, *params),
+                    key=lambda r: (r["error_type"], r["error_code"])):
+        if r["n"]:
+            found.setdefault(r["error_type"], {})[r["error_code"]] = int(r["n"])
+    return found
+
+
+async def parked_totals(conn: Conn, by: str) -> dict[str, int]:
+    """Parked copies per ``channel``, ``campaign_id`` ('' for none) or
+    ``error_type``, from parked_counts (a few rows however large the lot)."""
+    if by not in ("channel", "campaign_id", "error_type"):
+        raise ValueError(f"cannot count parked copies by {by!r}")
+    rows = await conn.fetch(
+        f"SELECT {by} AS key, sum(parked) AS n FROM parked_counts WHERE parked <> 0"
+        f" GROUP BY {by} ORDER BY {by}")
+    return {r["key"]: int(r["n"]) for r in rows if r["n"]}
 
 
 async def resolve_ids(pool: asyncpg.Pool, texts: Sequence[str]) -> tuple[uuid.UUID, ...]:

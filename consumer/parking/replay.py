@@ -155,9 +155,18 @@ class _Pacer:
         self.next = max(self.next, now) + self.interval
 
 
+Progress = Callable[["ReplayReport"], None]
+
+
 async def replay(lot: Lot, options: ReplayOptions, actor: str,
-                 stopping: Callable[[], bool] = lambda: False) -> ReplayReport:
-    """Replay the selected parked messages (see the module's docstring)."""
+                 stopping: Callable[[], bool] = lambda: False,
+                 progress: Progress | None = None) -> ReplayReport:
+    """Replay the selected parked messages (see the module's docstring).
+
+    ``stopping`` is asked between publishes (a true answer ends the replay,
+    ``interrupted``); ``progress`` is handed the report as it grows, once the
+    selection is counted and after every batch (the console's background jobs
+    show it)."""
     selection = options.selection
     if selection.empty:
         raise LotError("say what to replay: ids, filters, or --all")
@@ -175,8 +184,10 @@ async def replay(lot: Lot, options: ReplayOptions, actor: str,
                               *selection.conditions(params)])
         report.selected = int(await lot.pool.fetchval(
             f"SELECT count(*) FROM parked_messages p WHERE {where}", *params))
+        if progress is not None:
+            progress(report)
         if report.selected:
-            await _pass(lot, options, actor, started, report, stopping)
+            await _pass(lot, options, actor, started, report, stopping, progress)
     log.info("parked.replay_done", replayed=report.replayed, selected=report.selected,
              already_delivered=report.already_delivered, skipped=len(report.skipped),
              not_found=report.not_found, interrupted=report.interrupted)
@@ -216,7 +227,8 @@ async def _apply_edit(pool: asyncpg.Pool, parked_id: uuid.UUID, edit: Edit, acto
 
 
 async def _pass(lot: Lot, options: ReplayOptions, actor: str, started: datetime,
-                report: ReplayReport, stopping: Callable[[], bool]) -> None:
+                report: ReplayReport, stopping: Callable[[], bool],
+                progress: Progress | None) -> None:
     pacer = _Pacer(options.rate)
     size = options.batch_size
     if options.rate:
@@ -268,6 +280,8 @@ async def _pass(lot: Lot, options: ReplayOptions, actor: str, started: datetime,
                         report.by_error_type.get(row["error_type"], 0) + 1)
                 if len(done) < len(ready):
                     break
+            if progress is not None:
+                progress(report)
         report.interrupted = stopping()
         report.scanned = lot_pass.seen
         report.truncated = lot_pass.truncated

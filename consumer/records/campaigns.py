@@ -201,3 +201,88 @@ def requests_from_csv(
     if duplicates:
         print(f"herald: {path}: {duplicates} row(s) repeat a recipient and were skipped",
               file=sys.stderr)
+
+
+async def known_ids(pool: asyncpg.Pool, limit: int = 500) -> list[str]:
+    """Campaign ids with a campaign row or with messages, sorted (the messages'
+    ids by a skip scan of messages_campaign_status_idx: one probe per campaign)."""
+    rows = await pool.fetch(
+        """WITH RECURSIVE seen(id) AS (
+               (SELECT campaign_id FROM messages WHERE campaign_id IS NOT NULL
+                 ORDER BY campaign_id LIMIT 1)
+               UNION ALL
+               SELECT (SELECT campaign_id FROM messages
+                        WHERE campaign_id IS NOT NULL AND campaign_id > seen.id
+                        ORDER BY campaign_id LIMIT 1)
+                 FROM seen WHERE seen.id IS NOT NULL)
+           SELECT id FROM seen WHERE id IS NOT NULL
+           UNION SELECT campaign_id FROM campaigns
+           ORDER BY 1 LIMIT $1""", limit)
+    return [r["id"] for r in rows]
+
+
+async def usage_today(pool: asyncpg.Pool, campaign_ids: list[str]) -> dict[str, dict[str, Any]]:
+    """Each campaign's daily limit and what today (in its time zone) used of it."""
+    rows = await pool.fetch(
+        """SELECT c.campaign_id, c.daily_limit, c.timezone,
+                  (now() AT TIME ZONE c.timezone)::date AS day,
+                  COALESCE(u.first_attempts, 0) AS first_attempts,
+                  COALESCE(u.retries, 0) AS retries
+             FROM campaigns c
+             LEFT JOIN campaign_daily_usage u ON u.campaign_id = c.campaign_id
+                  AND u.day = (now() AT TIME ZONE c.timezone)::date
+            WHERE c.campaign_id = ANY($1::text[])""", campaign_ids)
+    return {r["campaign_id"]: {
+        "daily_limit": r["daily_limit"], "timezone": r["timezone"], "day": r["day"].isoformat(),
+        "first_attempts": int(r["first_attempts"]), "retries": int(r["retries"]),
+        "used": int(r["first_attempts"]) + int(r["retries"]),
+    } for r in rows}
+
+
+TARGETS = ("min_delivered_share", "min_retry_success_share", "max_average_attempts")
+
+
+async def targets(pool: asyncpg.Pool, campaign_ids: list[str]) -> dict[str, dict[str, Any]]:
+    """The thresholds operators set per campaign (see :func:`save_targets`)."""
+    rows = await pool.fetch(
+        f"""SELECT campaign_id, {", ".join(TARGETS)}, updated_at, updated_by
+              FROM campaign_targets WHERE campaign_id = ANY($1::text[])""", campaign_ids)
+    return {r["campaign_id"]: {k: r[k] for k in (*TARGETS, "updated_by")}
+            | {"updated_at": r["updated_at"].isoformat()} for r in rows}
+
+
+async def save_targets(pool: asyncpg.Pool, campaign_id: str, values: dict[str, float | None],
+                       actor: str) -> None:
+    """Set a campaign's thresholds: delivered share and retry success share at
+    least (0–1), average attempts at most (≥ 1); None clears one."""
+    low, retry, attempts = (values.get(k) for k in TARGETS)
+    for name, value, lo, hi in (("min_delivered_share", low, 0.0, 1.0),
+                                ("min_retry_success_share", retry, 0.0, 1.0),
+                                ("max_average_attempts", attempts, 1.0, 100.0)):
+        if value is not None and not lo <= value <= hi:
+            raise ConfigError(f"{name}: between {lo:g} and {hi:g}")
+    await pool.execute(
+        """INSERT INTO campaign_targets AS t (campaign_id, min_delivered_share,
+               min_retry_success_share, max_average_attempts, updated_by)
+           VALUES ($1, $2, $3, $4, $5)
+           ON CONFLICT (campaign_id) DO UPDATE SET
+               min_delivered_share = EXCLUDED.min_delivered_share,
+               min_retry_success_share = EXCLUDED.min_retry_success_share,
+               max_average_attempts = EXCLUDED.max_average_attempts,
+               updated_by = EXCLUDED.updated_by, updated_at = now()""",
+        campaign_id, low, retry, attempts, actor)
+
+
+def judge(figures: dict[str, Any], limits: dict[str, Any] | None) -> dict[str, bool | None]:
+    """Whether each figure meets its threshold (None: no threshold, or no figure yet)."""
+    limits = limits or {}
+    verdict: dict[str, bool | None] = {}
+    for figure, target, at_least in (("delivered_share", "min_delivered_share", True),
+                                     ("retry_success_share", "min_retry_success_share", True),
+                                     ("average_attempts", "max_average_attempts", False)):
+        value, limit = figures.get(figure), limits.get(target)
+        if value is None or limit is None:
+            verdict[figure] = None
+        else:
+            verdict[figure] = value >= limit if at_least else value <= limit
+    return verdict

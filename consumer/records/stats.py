@@ -18,6 +18,7 @@ Definitions (all over messages attempted at least once, unless said):
 from __future__ import annotations
 
 from dataclasses import asdict
+from datetime import timedelta
 from typing import Any
 
 import asyncpg
@@ -130,3 +131,74 @@ async def statistics(pool: asyncpg.Pool, settings: Settings, campaign_id: str | 
              "error": (r["error_text"] or "")[:300], "recipient": mask_recipient(r["recipient"])}
             for r in recent_rows],
     }
+
+
+async def recent_flow(pool: asyncpg.Pool, window_s: float = 3600) -> dict[str, dict[str, int]]:
+    """Per channel, what happened in the last ``window_s`` seconds: messages sent
+    (accepted by the provider; ``sent_at`` in the window, whatever their status
+    now), messages waiting for a retry scheduled in the window, and copies
+    parked in the window. Read through messages_status_idx (status, updated_at)
+    and parked_state_time_idx (state, parked_at); the cost grows with the
+    window's traffic, not with the tables."""
+    window = timedelta(seconds=window_s)
+    found: dict[str, dict[str, int]] = {}
+
+    def add(rows: list[asyncpg.Record], key: str) -> None:
+        for r in rows:
+            found.setdefault(r["channel"], {"sent": 0, "retrying": 0, "parked": 0})[key] = (
+                int(r["n"]))
+
+    async with pool.acquire() as conn:
+        add(await conn.fetch(
+            """SELECT channel, count(*) AS n FROM messages
+                WHERE status IN ('sent', 'delivered', 'read')
+                  AND updated_at >= now() - $1::interval AND sent_at >= now() - $1::interval
+                GROUP BY channel""", window), "sent")
+        add(await conn.fetch(
+            """SELECT channel, count(*) AS n FROM messages
+                WHERE status = 'retrying' AND updated_at >= now() - $1::interval
+                GROUP BY channel""", window), "retrying")
+        add(await conn.fetch(
+            """SELECT channel, count(*) AS n FROM parked_messages
+                WHERE state IN ('parked', 'replayed', 'rejected', 'purged', 'resolved')
+                  AND parked_at >= now() - $1::interval
+                GROUP BY channel""", window), "parked")
+    return found
+
+
+async def campaign_overview(pool: asyncpg.Pool, campaign_ids: list[str]
+                            ) -> dict[str, dict[str, Any]]:
+    """For each campaign: messages per status, completion, and the figures it is
+    judged by (delivered share = success_rate, retry success share, average
+    attempts), with the definitions of :func:`statistics`."""
+    found: dict[str, dict[str, Any]] = {
+        c: {"totals": dict.fromkeys(STATUSES, 0), "all": 0} for c in campaign_ids}
+    async with pool.acquire() as conn:
+        for r in await conn.fetch(
+                """SELECT campaign_id, status, count(*) AS n FROM messages
+                    WHERE campaign_id = ANY($1::text[]) GROUP BY campaign_id, status""",
+                campaign_ids):
+            entry = found[r["campaign_id"]]
+            entry["totals"][r["status"]] = int(r["n"])
+            entry["all"] += int(r["n"])
+        firsts = {r["campaign_id"]: r for r in await conn.fetch(
+            """SELECT campaign_id, attempted, succeeded, needed_retries, recovered_by_retries,
+                      finished, total_attempts
+                 FROM first_attempt_success WHERE campaign_id = ANY($1::text[])""",
+            campaign_ids)}
+    for campaign_id, entry in found.items():
+        first = firsts.get(campaign_id)
+        attempted = int(first["attempted"]) if first else 0
+        finished = int(first["finished"]) if first else 0
+        needed = int(first["needed_retries"]) if first else 0
+        entry |= {
+            "attempted": attempted,
+            "finished": finished,
+            "completion": _rate(finished, entry["all"]),
+            "delivered_share": _rate(int(first["succeeded"]), finished) if first else None,
+            "retry_success_share": _rate(int(first["recovered_by_retries"]), needed)
+            if first else None,
+            "average_attempts": _rate(int(first["total_attempts"]), attempted)
+            if first else None,
+        }
+    return found

@@ -39,7 +39,13 @@ export HERALD_HTTP_ALLOW_NETWORKS="${HERALD_HTTP_ALLOW_NETWORKS:-127.0.0.0/8}"
 # (webhooks) and the admin one (admin API, console, /metrics).
 export HERALD_HTTP_HOST="${HERALD_HTTP_HOST:-127.0.0.1}"
 export HERALD_ADMIN_HOST="${HERALD_ADMIN_HOST:-127.0.0.1}"
-export HERALD_ADMIN_TOKEN="${HERALD_ADMIN_TOKEN:-demo-admin-token}"
+# A fresh random operator token per run unless the caller set tokens (a fixed demo
+# token would be a known password; Herald refuses short or placeholder tokens).
+if [[ -z "${HERALD_ADMIN_TOKEN:-}" ]]; then
+    demo_token="$("$REPO/.venv/bin/python" -c 'import secrets; print(secrets.token_urlsafe(24))')"
+    HERALD_ADMIN_TOKEN="demo:operator:$demo_token"
+fi
+export HERALD_ADMIN_TOKEN
 
 "$HERALD" sandbox --port "$SANDBOX_PORT" > "$REPO/.local/sandbox.log" 2>&1 &
 children+=($!)
@@ -62,12 +68,18 @@ is_ready || die "herald run not ready after 60 s; see .local/herald.log"
 echo "herald is running (logs: .local/herald.log, sandbox: .local/sandbox.log)"
 echo "  webhooks:                    http://$HERALD_HTTP_HOST:${HERALD_HTTP_PORT:-8080}/webhooks/"
 echo "  admin API, console, metrics: http://$HERALD_ADMIN_HOST:${HERALD_ADMIN_PORT:-8081}/"
+if [[ -n "${demo_token:-}" ]]; then
+    echo "  console: http://$HERALD_ADMIN_HOST:${HERALD_ADMIN_PORT:-8081}/console/ (sign in with this run's token: $demo_token;"
+    echo "  the admin API takes it too: Authorization: Bearer $demo_token)"
+else
+    echo "  console: http://$HERALD_ADMIN_HOST:${HERALD_ADMIN_PORT:-8081}/console/ (sign in with a token from your HERALD_ADMIN_TOKEN)"
+fi
 echo
 
 if [[ -z "${HERALD_NO_DEMO:-}" ]]; then
     "$HERALD" demo --sandbox-url "http://127.0.0.1:$SANDBOX_PORT" || true
 fi
 echo
-echo "Herald keeps running; in another terminal: . deploy/local/env.sh, then the commands above"
-echo "(the admin API token is \$HERALD_ADMIN_TOKEN = $HERALD_ADMIN_TOKEN). Ctrl-C stops it."
+echo "Herald keeps running; in another terminal: . deploy/local/env.sh, then the commands above."
+echo "Console: $console. Ctrl-C stops Herald."
 wait "$herald_pid"

@@ -57,29 +57,69 @@ def test_progress_bar() -> None:
 # -- admin tokens ---------------------------------------------------------------------
 
 
-def test_tokens_with_and_without_labels() -> None:
-    tokens = parse_tokens("ops:abc123, ci-bot:zz9 ,plainTOKEN==")
+OPS = "abc123-q8Zr7LmX0pTw"
+BOT = "zz9-Nq4Vb2Kc7HsD1f"
+PLAIN = "plainTOKEN==x7Gq2Lm9"
+VIEW = "view-8Hs2Lq0Zr5Tb3Mx"
+
+
+def test_tokens_with_and_without_labels_and_roles() -> None:
+    tokens = parse_tokens(f"ops:{OPS}, ci-bot:{BOT} ,{PLAIN}, night:viewer:{VIEW}")
     assert [t.label for t in tokens] == [
-        "ops", "ci-bot", "sha256:" + hashlib.sha256(b"plainTOKEN==").hexdigest()[:8]]
-    assert authenticate("Bearer abc123", tokens) == "ops"
-    assert authenticate("bearer zz9", tokens) == "ci-bot"
-    assert authenticate("Bearer plainTOKEN==", tokens) == tokens[2].label
+        "ops", "ci-bot", "sha256:" + hashlib.sha256(PLAIN.encode()).hexdigest()[:8], "night"]
+    # Without a role a token is an operator (the format before roles existed).
+    assert [t.role for t in tokens] == ["operator", "operator", "operator", "viewer"]
+    assert authenticate(f"Bearer {OPS}", tokens) == tokens[0]
+    assert authenticate(f"bearer {BOT}", tokens) == tokens[1]
+    assert authenticate(f"Bearer {PLAIN}", tokens) == tokens[2]
+    found = authenticate(f"Bearer {VIEW}", tokens)
+    assert found is not None and found.label == "night" and not found.can_act
     # What looks like a label but is not one keeps the colon in the token.
-    (odd,) = parse_tokens("1st:secret")
-    assert authenticate("Bearer 1st:secret", [odd]) == odd.label
+    (odd,) = parse_tokens(f"1st:{OPS}")
+    assert authenticate(f"Bearer 1st:{OPS}", [odd]) == odd
+    # With a role, the token itself may hold colons.
+    (coloned,) = parse_tokens(f"ops:operator:{OPS}:more")
+    assert authenticate(f"Bearer {OPS}:more", [coloned]) == coloned
 
 
 @pytest.mark.parametrize("header", [
-    None, "", "Bearer", "Bearer ", "Basic abc123", "Token abc123", "Bearer abc1234",
-    "Bearer ops:abc123", "Bearerabc123"])
+    None, "", "Bearer", "Bearer ", f"Basic {OPS}", f"Token {OPS}", f"Bearer {OPS}4",
+    f"Bearer ops:{OPS}", f"Bearer{OPS}"])
 def test_wrong_or_missing_bearer_tokens(header: str | None) -> None:
-    assert authenticate(header, parse_tokens("ops:abc123")) is None
+    assert authenticate(header, parse_tokens(f"ops:{OPS}")) is None
 
 
-@pytest.mark.parametrize("raw", [",", " , ", "a:x,a:y"])
-def test_bad_token_configuration(raw: str) -> None:
-    with pytest.raises(ConfigError, match="HERALD_ADMIN_TOKEN"):
+@pytest.mark.parametrize("raw, why", [
+    (",", "holds no token"), (" , ", "holds no token"),
+    (f"a:{OPS},a:{BOT}", "share a label"), (f"a:{OPS},b:{OPS}", "given twice"),
+    (f"ops:veiwer:{OPS}", "role 'veiwer'"), (f"ops:admin:{OPS}", "role 'admin'"),
+    ("ops:", "shorter than 16"), ("ops:viewer:", "is empty"),
+    ("CHANGE-ME", "shorter than 16"), ("ops:short-token", "shorter than 16"),
+    ("demo-admin-token", "placeholder"), ("please-CHANGE-ME-now-0000", "placeholder"),
+    ("ops:<your-admin-token-here>", "placeholder"), ("replace-me-with-a-token", "placeholder"),
+    ("${ADMIN_TOKEN_VALUE}", "placeholder"), ("aaaaaaaaaaaaaaaaaaaaaa", "repetitive"),
+    ("ops:viewer:your-secret-token", "placeholder"), ("admin-secret-password", "placeholder"),
+])
+def test_bad_or_weak_token_configuration(raw: str, why: str) -> None:
+    with pytest.raises(ConfigError, match="HERALD_ADMIN_TOKEN") as info:
         parse_tokens(raw)
+    message = str(info.value)
+    assert why in message
+    assert "\n" not in message
+    secret = raw.rsplit(":", 1)[-1]
+    if len(secret) >= 4:
+        assert secret not in message  # labels are named, tokens never
+
+
+def test_weak_tokens_stop_start_up_with_one_line() -> None:
+    from consumer.settings import Settings
+
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env({"HERALD_ADMIN_TOKEN": "CHANGE-ME"})
+    assert str(info.value).startswith("HERALD_ADMIN_TOKEN: ")
+    assert "CHANGE-ME" not in str(info.value)
+    settings = Settings.from_env({"HERALD_ADMIN_TOKEN": f"ops:{OPS},night:viewer:{VIEW}"})
+    assert settings.admin_token == f"ops:{OPS},night:viewer:{VIEW}"
 
 
 # -- selections, masking ----------------------------------------------------------------
@@ -300,3 +340,18 @@ def test_help_lists_the_operator_commands() -> None:
     result = herald("parked", "replay", "--help")
     for flag in ("--dry-run", "--rate", "--no-reset-attempts", "--set-body", "--all"):
         assert flag in result.stdout
+
+
+def test_the_deploy_files_ship_no_usable_admin_token() -> None:
+    import yaml
+
+    root = Path(__file__).resolve().parents[2]
+    docs = list(yaml.safe_load_all((root / "deploy/k8s/config.yaml").read_text()))
+    (secret,) = [d for d in docs if d["kind"] == "Secret"]
+    with pytest.raises(ConfigError, match="placeholder"):
+        parse_tokens(secret["stringData"]["HERALD_ADMIN_TOKEN"])
+    compose = yaml.safe_load((root / "deploy/compose.yaml").read_text())
+    # Off unless the person starting it gives tokens.
+    assert compose["x-herald"]["environment"]["HERALD_ADMIN_TOKEN"] == "${HERALD_ADMIN_TOKEN:-}"
+    run = (root / "deploy/local/run.sh").read_text()
+    assert "demo-admin-token" not in run and "secrets.token_urlsafe" in run
