@@ -87,13 +87,15 @@ live_nodes() {
     done
 }
 
-# Stop the clusters of other versions of this checkout: same ports.
+# Stop this checkout's cluster of another version that uses our AMQP ports.
 stop_other_versions() {
     local v n
     for v in "${RMQ_VERSIONS[@]}"; do
         [[ $v != "$WANTED" ]] || continue
         use_cluster "$v"
         [[ -n "$(live_nodes)" ]] || continue
+        grep -qx "listeners.tcp.default = 127.0.0.1:$AMQP_BASE" "$CLUSTER_DIR/node1/rabbitmq.conf" 2>/dev/null ||
+            continue
         echo "cluster: stopping the RabbitMQ $v cluster of this checkout to start $WANTED on the same ports"
         for n in $(seq 1 "$SIZE"); do
             use_node "$n"

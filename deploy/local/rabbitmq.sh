@@ -14,8 +14,10 @@
 # on this machine), 4.0 (trixie's) or 4.3 (sid's), the last two in a Debian
 # root built once under .local/chroot (see rabbitmq-lib.sh). Each version has
 # its own data: .local/rabbitmq for 3.10, .local/rabbitmq-VERSION otherwise.
-# Starting one version while another of this checkout runs on the same ports
-# stops that one first (its data is kept).
+# Starting one version while another of this checkout listens on the same
+# AMQP port stops that one first (its data is kept). Versions can run side by
+# side on other ports (all three HERALD_LOCAL_*_PORT, the epmd one included:
+# every version's node is herald@localhost).
 #
 # The node (herald@localhost) keeps everything in its data directory: data,
 # logs, config, pid file and its own Erlang cookie (HOME points there). It
@@ -44,14 +46,15 @@ use_version() {
     rmq_node herald@localhost "$(rmq_data_dir rabbitmq)" "$AMQP" "$DIST" "$EPMD" "rabbitmq $RMQ_VERSION"
 }
 
-# Stop this checkout's single nodes of other versions on our ports: they
-# would hold the ports (and their data directories stay as they are).
+# Stop this checkout's single node of another version that listens on our
+# AMQP port (its data directory stays as it is). One on other ports may run on.
 stop_other_versions() {
     local wanted="$RMQ_VERSION" v
     for v in "${RMQ_VERSIONS[@]}"; do
         [[ $v != "$wanted" ]] || continue
         use_version "$v"
-        if server_pid >/dev/null; then
+        if server_pid >/dev/null &&
+            grep -qx "listeners.tcp.default = 127.0.0.1:$AMQP_PORT" "$RMQ_DIR/rabbitmq.conf" 2>/dev/null; then
             echo "rabbitmq: stopping RabbitMQ $v of this checkout to start $wanted on the same ports"
             node_stop
         fi
