@@ -2,6 +2,7 @@
 # packages, no Docker); Python tools from .venv.
 #
 #   make test PYTEST_ARGS='-k retry -x'     extra pytest arguments
+#   make test-broker BROKER=4.0             the suite against RabbitMQ 4.0 (3.10, 4.0, 4.3)
 #   HERALD_LOCAL_AMQP_PORT / HERALD_LOCAL_PG_PORT move the local services.
 
 SHELL := bash
@@ -15,8 +16,10 @@ STAMP := $(VENV)/.herald-installed
 # Prefix for commands that need the services' URLs (and the venv on PATH).
 WITH_ENV := . deploy/local/env.sh &&
 PYTEST_ARGS ?=
+# The RabbitMQ version for test-broker (deploy/local/rabbitmq.sh: HERALD_LOCAL_RABBITMQ).
+BROKER ?= 3.10
 
-.PHONY: help venv services lint typecheck test run bench bench-events bench-console down clean-data
+.PHONY: help venv services lint typecheck test test-broker run bench bench-events bench-console down clean-data
 
 help:
 	@echo 'make venv        create .venv and install herald[dev] (again when pyproject.toml changes)'
@@ -25,11 +28,12 @@ help:
 	@echo 'make lint        ruff check .'
 	@echo 'make typecheck   mypy (packages consumer and schemas)'
 	@echo 'make test        venv + services + lint + typecheck + pytest $$PYTEST_ARGS'
+	@echo 'make test-broker BROKER=4.0  venv + services on that RabbitMQ (3.10, 4.0, 4.3) + pytest $$PYTEST_ARGS'
 	@echo 'make run         venv + services + herald migrate + herald sandbox (background) + herald run'
 	@echo 'make bench       venv + services + bench/bench_pipeline.py'
 	@echo 'make bench-events venv + services + bench/bench_events.py (webhooks accepted/applied per second)'
 	@echo 'make bench-console venv + services + bench/bench_console.py (a console page over 1,000,000 parked)'
-	@echo 'make down        stop the local services (data kept)'
+	@echo 'make down        stop the local services, every RabbitMQ version and cluster (data kept)'
 	@echo 'make clean-data  stop them and delete .local (all their data)'
 
 venv: $(STAMP)
@@ -52,6 +56,12 @@ typecheck: $(STAMP)
 	$(BIN)/mypy
 
 test: $(STAMP) services lint typecheck
+	$(WITH_ENV) $(BIN)/pytest $(PYTEST_ARGS)
+
+# Exported for the whole run: fault tests restart the broker through
+# deploy/local/rabbitmq.sh, which must restart the same version.
+test-broker: $(STAMP)
+	export HERALD_LOCAL_RABBITMQ='$(BROKER)' && deploy/local/up.sh && deploy/local/prometheus.sh install && \
 	$(WITH_ENV) $(BIN)/pytest $(PYTEST_ARGS)
 
 run: $(STAMP) services

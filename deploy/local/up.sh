@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # Start the local RabbitMQ and PostgreSQL (in parallel); reuses running ones.
+# HERALD_LOCAL_RABBITMQ chooses the RabbitMQ version (3.10, 4.0, 4.3; see rabbitmq.sh).
 # Then:  . deploy/local/env.sh
 set -euo pipefail
 
