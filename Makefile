@@ -16,7 +16,7 @@ STAMP := $(VENV)/.herald-installed
 WITH_ENV := . deploy/local/env.sh &&
 PYTEST_ARGS ?=
 
-.PHONY: help venv services lint typecheck test run bench bench-events down clean-data
+.PHONY: help venv services lint typecheck test run bench bench-events bench-peers down clean-data
 
 help:
 	@echo 'make venv        create .venv and install herald[dev] (again when pyproject.toml changes)'
@@ -27,6 +27,8 @@ help:
 	@echo 'make run         venv + services + herald migrate + herald sandbox (background) + herald run'
 	@echo 'make bench       venv + services + bench/bench_pipeline.py'
 	@echo 'make bench-events venv + services + bench/bench_events.py (webhooks accepted/applied per second)'
+	@echo 'make bench-peers venv + services + bench/bench_peers.py (Herald beside FastStream, Dramatiq, Celery;'
+	@echo '                 BENCH_REPEAT, BENCH_MESSAGES_0MS, BENCH_MESSAGES_200MS, BENCH_SYSTEMS, BENCH_RSS_MESSAGES)'
 	@echo 'make down        stop the local services (data kept)'
 	@echo 'make clean-data  stop them and delete .local (all their data)'
 
@@ -58,6 +60,9 @@ bench: $(STAMP) services
 
 bench-events: $(STAMP) services
 	$(WITH_ENV) $(BIN)/python bench/bench_events.py
+
+bench-peers: $(STAMP) services
+	$(WITH_ENV) $(BIN)/python bench/bench_peers.py
 
 down:
 	deploy/local/down.sh
