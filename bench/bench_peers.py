@@ -295,6 +295,10 @@ def summarize(sc: Scenario, runs: dict[str, list[Run]], repeat: int) -> list[str
         lines.append(f"{system:12} {rate:9,.0f} {ratio}   {'':21}"
                      + " ".join(f"{median_cpu(system, g):9.0f}" for g in GROUPS)
                      + f" {total:7.0f}")
+    busiest = max((r for rs in runs.values() for r in rs),
+                  key=lambda r: r.cpu_us["endpoint"] * r.rate)
+    lines.append(f"endpoint (minimal responder, one process): at most "
+                 f"{busiest.cpu_us['endpoint'] * busiest.rate / 1e6:.0%} of one core in any run")
     if herald is None:
         return lines
     targets: list[tuple[str, float, float]] = []  # (what, value, bound)
@@ -346,27 +350,29 @@ async def measure_rss(m: int, url: str) -> list[str]:
 
         samples: list[tuple[float, float, float]] = []  # (seconds, sent, RSS MiB)
         feeder = asyncio.create_task(feed())
+        t0 = time.monotonic()
         try:
-            await wait_http(f"http://127.0.0.1:{port}/readyz")
-            t0 = time.monotonic()
             async with aiohttp.ClientSession() as session:
                 while True:
-                    sent = await herald_sent(session, port)
-                    samples.append((time.monotonic() - t0, sent, rss_mib(proc.pid)))
-                    if sent >= m:
-                        break
+                    # From the start: Herald consumes before its HTTP server answers.
+                    with contextlib.suppress(aiohttp.ClientError):
+                        sent = await herald_sent(session, port)
+                        samples.append((time.monotonic() - t0, sent, rss_mib(proc.pid)))
+                        if sent >= m:
+                            break
                     if proc.returncode is not None:
                         raise RuntimeError(f"herald exited; see {log}")
                     if feeder.done():
                         feeder.result()
-                    await asyncio.sleep(1)
+                    await asyncio.sleep(0.5)
         finally:
             feeder.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await feeder
             await stop(proc)
-    seconds = samples[-1][0]
-    lines = [f"herald RSS while {m:,} messages flow ({m / seconds:,.0f}/s over {seconds:.0f} s):"]
+    seconds = samples[-1][0] - samples[0][0]
+    rate = (samples[-1][1] - samples[0][1]) / seconds if seconds else float("nan")
+    lines = [f"herald RSS while {m:,} messages flow ({rate:,.0f}/s over {seconds:.0f} s):"]
     marks = [next(s for s in samples if s[1] >= m * f / 10) for f in range(1, 11)]
     lines += [f"  {sent:>10,.0f} sent  {rss:7.1f} MiB" for _, sent, rss in marks]
     rss_values = [rss for _, _, rss in samples]
@@ -374,6 +380,25 @@ async def measure_rss(m: int, url: str) -> list[str]:
                  f"min {min(rss_values):.1f}, max {max(rss_values):.1f} MiB "
                  f"over {len(samples)} samples")
     return lines
+
+
+async def versions(systems: list[str]) -> str:
+    """Server and peer package versions, for the record."""
+    connection = await aio_pika.connect(AMQP_URL)
+    properties = connection.transport.connection.server_properties
+    rabbitmq = properties.get("version", b"?")
+    await connection.close()
+    db = await asyncpg.connect(DATABASE_URL)
+    postgres = await db.fetchval("SHOW server_version")
+    await db.close()
+    parts = [f"RabbitMQ {rabbitmq.decode() if isinstance(rabbitmq, bytes) else rabbitmq}",
+             f"PostgreSQL {postgres}", f"Python {sys.version.split()[0]}"]
+    for name in systems:
+        if name in PEERS:
+            for line in (PEERS[name].folder / "requirements.txt").read_text().splitlines():
+                if line.lower().startswith(name):
+                    parts.append(line.replace("[rabbit,cli]", "").replace("[rabbitmq]", ""))
+    return ", ".join(parts)
 
 
 def load() -> str:
@@ -415,10 +440,10 @@ async def main() -> None:
             PEERS[name].ensure_venv()
     LOG_DIR.mkdir(parents=True, exist_ok=True)
     print(f"start: {load()}; {os.cpu_count()} cores; logs in {LOG_DIR}", flush=True)
+    report: list[str] = [await versions(systems)]
 
     scenarios = [Scenario(latency, n) for latency, n in
                  ((0, args.messages_0ms), (200, args.messages_200ms)) if n > 0]
-    report: list[str] = []
     spawner = multiprocessing.get_context("spawn")
     for sc in scenarios:
         port = free_port()
