@@ -349,32 +349,35 @@ async def measure_rss(m: int, url: str) -> list[str]:
                 published += chunk
 
         samples: list[tuple[float, float, float]] = []  # (seconds, sent, RSS MiB)
-        feeder = asyncio.create_task(feed())
-        t0 = time.monotonic()
+        feeder: asyncio.Task[None] | None = None
         try:
+            # Fed once Herald answers, so that the curve starts at its idle RSS.
+            await wait_http(f"http://127.0.0.1:{port}/readyz")
+            feeder = asyncio.create_task(feed())
+            t0 = time.monotonic()
             async with aiohttp.ClientSession() as session:
                 while True:
-                    # From the start: Herald consumes before its HTTP server answers.
-                    with contextlib.suppress(aiohttp.ClientError):
-                        sent = await herald_sent(session, port)
-                        samples.append((time.monotonic() - t0, sent, rss_mib(proc.pid)))
-                        if sent >= m:
-                            break
+                    sent = await herald_sent(session, port)
+                    samples.append((time.monotonic() - t0, sent, rss_mib(proc.pid)))
+                    if sent >= m:
+                        break
                     if proc.returncode is not None:
                         raise RuntimeError(f"herald exited; see {log}")
                     if feeder.done():
-                        feeder.result()
+                        feeder.result()  # its error, if it failed
                     await asyncio.sleep(0.5)
         finally:
-            feeder.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await feeder
+            if feeder is not None:
+                feeder.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await feeder
             await stop(proc)
     seconds = samples[-1][0] - samples[0][0]
     rate = (samples[-1][1] - samples[0][1]) / seconds if seconds else float("nan")
     lines = [f"herald RSS while {m:,} messages flow ({rate:,.0f}/s over {seconds:.0f} s):"]
-    marks = [next(s for s in samples if s[1] >= m * f / 10) for f in range(1, 11)]
+    marks = [samples[0]] + [next(s for s in samples if s[1] >= m * f / 10) for f in range(1, 11)]
     lines += [f"  {sent:>10,.0f} sent  {rss:7.1f} MiB" for _, sent, rss in marks]
+    marks = marks[1:]
     rss_values = [rss for _, _, rss in samples]
     lines.append(f"  growth from 10 % to 100 %: {marks[-1][2] - marks[0][2]:+.1f} MiB; "
                  f"min {min(rss_values):.1f}, max {max(rss_values):.1f} MiB "
