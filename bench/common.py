@@ -228,14 +228,19 @@ def processes() -> dict[int, tuple[int, float]]:
     """Every visible process: pid → (parent pid, CPU seconds used so far)."""
     tick = os.sysconf("SC_CLK_TCK")
     found = {}
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit():
+    # Read many times a second while a run is measured: raw reads cost half of open().
+    for name in os.listdir("/proc"):
+        if name.isdigit():
             try:
-                with open(f"/proc/{entry.name}/stat", "rb") as f:
-                    fields = f.read().rsplit(b")", 1)[1].split()
+                fd = os.open(f"/proc/{name}/stat", os.O_RDONLY)
+                try:
+                    data = os.read(fd, 4096)
+                finally:
+                    os.close(fd)
             except OSError:
                 continue
-            found[int(entry.name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / tick)
+            fields = data.rsplit(b")", 1)[1].split()
+            found[int(name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / tick)
     return found
 
 
@@ -325,7 +330,7 @@ class CpuSampler:
     appears counts all it has used since it started.
     """
 
-    def __init__(self, groups: dict[str, list[int]], interval_s: float = 0.2) -> None:
+    def __init__(self, groups: dict[str, list[int]], interval_s: float = 0.25) -> None:
         self.groups = groups
         self.interval_s = interval_s
         self.seen: dict[str, dict[int, float]] = {name: {} for name in groups}
