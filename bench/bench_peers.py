@@ -442,6 +442,8 @@ async def main() -> None:
         if name in PEERS:
             PEERS[name].ensure_venv()
     LOG_DIR.mkdir(parents=True, exist_ok=True)
+    for old_log in LOG_DIR.glob("*.log"):  # each run's logs, not every run's
+        old_log.unlink()
     print(f"start: {load()}; {os.cpu_count()} cores; logs in {LOG_DIR}", flush=True)
     report: list[str] = [await versions(systems)]
 
