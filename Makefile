@@ -19,7 +19,7 @@ PYTEST_ARGS ?=
 # The RabbitMQ version for test-broker (deploy/local/rabbitmq.sh: HERALD_LOCAL_RABBITMQ).
 BROKER ?= 3.10
 
-.PHONY: help venv services lint typecheck test test-broker run bench bench-events bench-console down clean-data
+.PHONY: help venv services lint typecheck test test-broker run bench bench-events bench-console bench-peers down clean-data
 
 help:
 	@echo 'make venv        create .venv and install herald[dev] (again when pyproject.toml changes)'
@@ -33,6 +33,8 @@ help:
 	@echo 'make bench       venv + services + bench/bench_pipeline.py'
 	@echo 'make bench-events venv + services + bench/bench_events.py (webhooks accepted/applied per second)'
 	@echo 'make bench-console venv + services + bench/bench_console.py (a console page over 1,000,000 parked)'
+	@echo 'make bench-peers venv + services + bench/bench_peers.py (Herald beside FastStream, Dramatiq, Celery;'
+	@echo '                 BENCH_REPEAT, BENCH_MESSAGES_0MS, BENCH_MESSAGES_200MS, BENCH_SYSTEMS, BENCH_RSS_MESSAGES)'
 	@echo 'make down        stop the local services, every RabbitMQ version and cluster (data kept)'
 	@echo 'make clean-data  stop them and delete .local (all their data)'
 
@@ -75,6 +77,9 @@ bench-events: $(STAMP) services
 
 bench-console: $(STAMP) services
 	$(WITH_ENV) $(BIN)/python bench/bench_console.py
+
+bench-peers: $(STAMP) services
+	$(WITH_ENV) $(BIN)/python bench/bench_peers.py
 
 down:
 	deploy/local/down.sh

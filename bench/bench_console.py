@@ -140,12 +140,13 @@ async def main() -> None:
         settings = Settings.from_env({
             "HERALD_AMQP_URL": AMQP_URL, "HERALD_DATABASE_URL": url,
             "HERALD_PREFIX": schema, "HERALD_HTTP_HOST": "127.0.0.1", "HERALD_HTTP_PORT": "0",
+            "HERALD_ADMIN_HOST": "127.0.0.1", "HERALD_ADMIN_PORT": "0",
             "HERALD_ADMIN_TOKEN": f"bench:viewer:{TOKEN}", "HERALD_LOG_LEVEL": "warning"})
         service = Service(settings, roles=("gateway",))
         await service.start()
         try:
-            assert service.runner is not None
-            base = f"http://127.0.0.1:{service.runner.addresses[0][1]}"
+            assert service.admin_listener is not None
+            base = f"http://127.0.0.1:{service.admin_listener.port}"
             async with aiohttp.ClientSession(
                     cookie_jar=aiohttp.CookieJar(unsafe=True)) as session:
                 await sign_in(session, base)

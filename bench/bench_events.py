@@ -35,12 +35,12 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from bench_pipeline import (  # noqa: E402
+from common import (  # noqa: E402
     AMQP_URL,
-    CpuMeter,
     Fixture,
     cpu_seconds,
     free_port,
+    service_meters,
     start_process,
     stop,
     wait_http,
@@ -162,7 +162,7 @@ async def one_run(n: int, concurrency: int, log_dir: Path) -> tuple[float, float
             try:
                 await wait_http(f"http://127.0.0.1:{port}/readyz")
                 requests = signed_requests(n, f"http://127.0.0.1:{port}")
-                broker, database = CpuMeter("beam.smp"), CpuMeter("postgres")
+                broker, database = service_meters()
                 cpu0 = cpu_seconds(gateway.pid)
                 elapsed, latencies = await fire(f"http://127.0.0.1:{port}", requests,
                                                 concurrency)
@@ -181,7 +181,7 @@ async def one_run(n: int, concurrency: int, log_dir: Path) -> tuple[float, float
             events = await start_process(["run", "--roles", "events"], herald_env(fx, port),
                                          log_dir / "herald-events.log")
             try:
-                broker, database = CpuMeter("beam.smp"), CpuMeter("postgres")
+                broker, database = service_meters()
                 cpu0, t0 = cpu_seconds(events.pid), time.perf_counter()
                 while True:
                     done = await db.fetchval(

@@ -26,100 +26,37 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import json
 import multiprocessing
 import os
-import signal
-import socket
 import statistics
 import sys
 import time
-import uuid
 from pathlib import Path
-from typing import cast
 
 import aio_pika
 import aiohttp
 import asyncpg
 import uvloop
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from consumer.migrate import migrate  # noqa: E402
-from consumer.topology import Names, Topology  # noqa: E402
-
-AMQP_URL = os.environ.get("HERALD_AMQP_URL", "amqp://guest:guest@127.0.0.1:5673/")
-DATABASE_URL = os.environ.get(
-    "HERALD_DATABASE_URL", "postgresql://herald:herald@127.0.0.1:5433/herald"
+from common import (
+    AMQP_URL,
+    REPO,
+    CpuMeter,
+    Fixture,
+    batch_summary,
+    cpu_seconds,
+    free_port,
+    report_cpu,
+    rss_mib,
+    serve_minimal,
+    service_meters,
+    service_pids,
+    start_process,
+    stop,
+    wait_http,
 )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Fixture:
-    """A fresh prefix (declared) and schema (migrated), removed afterwards."""
-
-    def __init__(self) -> None:
-        self.prefix = f"bench{uuid.uuid4().hex[:8]}"
-        self.schema = f"bench_{uuid.uuid4().hex[:8]}"
-        self.names = Names(self.prefix)
-        self.db_url = f"{DATABASE_URL}?search_path={self.schema}"
-
-    async def __aenter__(self) -> Fixture:
-        self.connection = await aio_pika.connect_robust(AMQP_URL)
-        channel = await self.connection.channel()
-        await Topology(self.names).declare(channel)
-        await channel.close()
-        admin = await asyncpg.connect(DATABASE_URL)
-        await admin.execute(f"CREATE SCHEMA {self.schema}")
-        await admin.close()
-        conn = await asyncpg.connect(self.db_url)
-        await migrate(conn)
-        await conn.close()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        channel = await self.connection.channel()
-        topology = Topology(self.names)
-        for q in topology.queues:
-            await channel.queue_delete(q["name"])
-        for e in topology.exchanges:
-            await channel.exchange_delete(e["name"])
-        await self.connection.close()
-        admin = await asyncpg.connect(DATABASE_URL)
-        await admin.execute(f"DROP SCHEMA {self.schema} CASCADE")
-        await admin.close()
-
-    async def publish(self, n: int, to: str) -> None:
-        channel = await self.connection.channel(publisher_confirms=True)
-        exchange = await channel.get_exchange(self.names.exchange, ensure=False)
-        window = 1000
-        for start in range(0, n, window):
-            await asyncio.gather(*(
-                exchange.publish(
-                    aio_pika.Message(
-                        json.dumps({"message_id": f"b-{i}", "channel": "http", "to": to,
-                                    "body": {"n": i}}).encode(),
-                        content_type="application/json",
-                        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-                    ),
-                    "send.http",
-                )
-                for i in range(start, min(n, start + window))
-            ))
-        await channel.close()
-
-    async def depth(self) -> int:
-        channel = await self.connection.channel()
-        queue = await channel.declare_queue(self.names.send_queue("http"), passive=True)
-        await channel.close()
-        return int(queue.declaration_result.message_count or 0)
 
 
 async def measure_consumer(
@@ -152,169 +89,18 @@ async def measure_consumer(
             if count >= n:
                 done.set()
 
-        processes = {"rabbitmq": pids_named("beam.smp")}
+        meters = {"rabbitmq": CpuMeter(service_pids()["rabbitmq"])}
         if endpoint_pid is not None:
-            processes["endpoint"] = [endpoint_pid]
+            meters["endpoint"] = CpuMeter(endpoint_pid)
         t0, c0 = time.perf_counter(), time.process_time()
-        start = {name: cpu_of(pids) for name, pids in processes.items()}
         await queue.consume(on_message)
         await done.wait()
         elapsed = time.perf_counter() - t0
         per_delivery = report_cpu(n, elapsed, consumer=time.process_time() - c0, **{
-            name: cpu_of(pids) - start[name] for name, pids in processes.items()})
+            name: meter.used() for name, meter in meters.items()})
         await session.close()
         await connection.close()
         return n / elapsed, per_delivery
-
-
-def report_cpu(n: int, elapsed: float, **used: float) -> float:
-    """Print each process's share of a core and the CPU per delivery; return µs/delivery."""
-    per_delivery = 1e6 * sum(used.values()) / n
-    print("    cpu share of one core: " + ", ".join(
-        f"{name} {cpu / elapsed:.0%}" for name, cpu in used.items())
-        + f"; all processes {per_delivery:.0f} µs CPU per delivery", flush=True)
-    return per_delivery
-
-
-class MinimalResponder(asyncio.Protocol):
-    """The cheapest HTTP/1.1 keep-alive endpoint: answers every request 200 "ok".
-
-    Only for the floor measurement: it parses just enough (end of headers,
-    Content-Length) to find where each request ends.
-    """
-
-    RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Type: text/plain\r\n\r\nok"
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # uvloop's transports implement asyncio.Transport without subclassing it.
-        self.transport = cast(asyncio.Transport, transport)
-        self.buffer = b""
-
-    def data_received(self, data: bytes) -> None:
-        self.buffer += data
-        while (end := self.buffer.find(b"\r\n\r\n")) >= 0:
-            length = 0
-            for line in self.buffer[:end].split(b"\r\n")[1:]:
-                name, _, value = line.partition(b":")
-                if name.strip().lower() == b"content-length":
-                    length = int(value)
-            if len(self.buffer) < end + 4 + length:
-                return
-            self.buffer = self.buffer[end + 4 + length:]
-            self.transport.write(self.RESPONSE)
-
-
-def serve_minimal(port: int) -> None:
-    async def serve() -> None:
-        server = await asyncio.get_running_loop().create_server(
-            MinimalResponder, "127.0.0.1", port)
-        async with server:
-            await server.serve_forever()
-
-    uvloop.run(serve())
-
-
-async def start_process(
-    args: list[str], env: dict[str, str], log: Path
-) -> asyncio.subprocess.Process:
-    handle = log.open("ab")
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "consumer", *args, env={**os.environ, **env},
-        stdout=handle, stderr=handle, cwd=str(REPO),
-    )
-    handle.close()
-    return proc
-
-
-async def wait_http(url: str, within_s: float = 30) -> None:
-    deadline = time.monotonic() + within_s
-    async with aiohttp.ClientSession() as session:
-        while True:
-            try:
-                async with session.get(url) as r:
-                    if r.status == 200:
-                        return
-            except aiohttp.ClientError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{url} not ready after {within_s} s")
-            await asyncio.sleep(0.1)
-
-
-async def stop(proc: asyncio.subprocess.Process) -> None:
-    if proc.returncode is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            await asyncio.wait_for(proc.wait(), 30)
-        except TimeoutError:
-            proc.kill()
-            await proc.wait()
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time a process has used so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def pids_named(*names: str) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                comm = (entry / "comm").read_text().strip()
-            except OSError:
-                continue
-            if comm in names:
-                found.append(int(entry.name))
-    return found
-
-
-def cpu_of(pids: list[int]) -> float:
-    total = 0.0
-    for pid in pids:
-        with contextlib.suppress(OSError):
-            total += cpu_seconds(pid)
-    return total
-
-
-class CpuMeter:
-    """CPU used by named processes, counting ones that start during the run
-    (PostgreSQL starts a backend per new connection)."""
-
-    def __init__(self, *names: str) -> None:
-        self.names = names
-        self.start = {pid: cpu_of([pid]) for pid in pids_named(*names)}
-
-    def used(self) -> float:
-        now = {pid: cpu_of([pid]) for pid in pids_named(*self.names)}
-        return sum(cpu - self.start.get(pid, 0.0) for pid, cpu in now.items())
-
-
-def batch_summary(exposition: str) -> str:
-    """Mean group-commit batch size and time, from Herald's own metrics."""
-    values: dict[str, float] = {}
-    for line in exposition.splitlines():
-        if line.startswith(("herald_db_batch_size_", "herald_db_batch_seconds_")) and (
-                "_sum{" in line or "_count{" in line):
-            name, value = line.rsplit(" ", 1)
-            values[name] = float(value)
-    parts = []
-    for kind in ("claims", "records"):
-        count = values.get(f'herald_db_batch_size_count{{kind="{kind}"}}', 0.0)
-        if count:
-            size = values[f'herald_db_batch_size_sum{{kind="{kind}"}}'] / count
-            secs = values[f'herald_db_batch_seconds_sum{{kind="{kind}"}}'] / count
-            parts.append(f"{kind}: {count:.0f} batches, mean {size:.1f} items, "
-                         f"{secs * 1000:.1f} ms")
-    return "db batches: " + "; ".join(parts)
-
-
-def rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 async def measure_herald(
@@ -346,7 +132,7 @@ async def measure_herald(
                 }
                 heralds.append(await start_process(["run", "--channels", "http"], env,
                                                    log_dir / "herald.log"))
-            broker_meter, database_meter = CpuMeter("beam.smp"), CpuMeter("postgres")
+            broker_meter, database_meter = service_meters()
 
             def usage() -> list[float]:
                 return [sum(cpu_seconds(h.pid) for h in heralds), cpu_seconds(sandbox.pid),
