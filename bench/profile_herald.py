@@ -24,7 +24,7 @@ import asyncpg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import (  # noqa: E402
+from common import (
     AMQP_URL,
     Fixture,
     free_port,
