@@ -102,8 +102,10 @@ async def main() -> None:
         db = await asyncpg.connect(fx.db_url)
         try:
             await wait_http(f"http://127.0.0.1:{env['HERALD_HTTP_PORT']}/healthz")
-            while await db.fetchval("SELECT count(*) FROM messages WHERE status = 'sent'"
-                                    ) < args.n:
+            while True:
+                sent = await db.fetchval("SELECT count(*) FROM messages WHERE status = 'sent'")
+                if sent >= args.n:
+                    break
                 await asyncio.sleep(0.5)
             elapsed = await db.fetchval(
                 "SELECT extract(epoch FROM max(sent_at) - min(sending_at)) FROM messages")
