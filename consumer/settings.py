@@ -146,6 +146,7 @@ class Settings:
     admin_port: int = _env("HERALD_ADMIN_PORT", _int(0, 65535), 8081)
     public_url: str = _env("HERALD_PUBLIC_URL", _url("http", "https"), "http://127.0.0.1:8080")
     prefetch: int = _env("HERALD_PREFETCH", _int(1, 65535), 256)
+    prefetch_max: int = _env("HERALD_PREFETCH_MAX", _int(1, 65535), 2048)
     admin_token: str | None = _env("HERALD_ADMIN_TOKEN", _admin_tokens)
     send_timeout_s: float = _env("HERALD_SEND_TIMEOUT_S", _float(0.1, 300), 10.0)
     max_attempts: int = _env("HERALD_MAX_ATTEMPTS", _int(1, 100), 5)

@@ -48,6 +48,10 @@ SECTIONS: list[tuple[str, list[tuple[str, str]]]] = [
     ("Delivery and retries", [
         ("HERALD_PREFETCH", "Messages each channel consumer holds unacknowledged at once: "
          "bounds memory and the number of sends in flight."),
+        ("HERALD_PREFETCH_MAX", "The most messages a lane may hold in flight when it finds "
+         "that more help (slow providers: see consumer/delivery/inflight.py). Worst-case "
+         "memory is that many request bodies. A channel with a configured rate keeps "
+         "HERALD_PREFETCH."),
         ("HERALD_SEND_TIMEOUT_S", "Deadline of one provider call, in seconds. A consumer "
          "that dies mid-send is presumed gone after this plus 5 s."),
         ("HERALD_MAX_ATTEMPTS", "Default number of attempts, counting the first, before a "
