@@ -15,7 +15,7 @@ while the lane runs:
   that prefetch for ``hold_s`` before trying again (the load may have changed);
 - the prefetch never goes below the configured one (``HERALD_PREFETCH``) nor
   above ``ceiling`` (``HERALD_PREFETCH_MAX``: what memory allows; the worst
-  case is that many bodies of ``HERALD_MAX_BODY_BYTES`` each).
+  case is that many of the largest request bodies Herald accepts).
 
 A lane whose channel has a configured rate keeps the configured prefetch: the
 rate, not the latency, bounds it.
