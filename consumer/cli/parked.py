@@ -31,7 +31,7 @@ from consumer.cli.common import (
 )
 from consumer.errors import ConfigError, ErrorType
 from consumer.text import printable
-from schemas.send_request import CHANNELS
+from schemas.parking import PARKED_CHANNELS
 
 if TYPE_CHECKING:
     import asyncpg
@@ -42,7 +42,7 @@ if TYPE_CHECKING:
 
 def add_filters(p: argparse.ArgumentParser) -> None:
     """The options that select parked messages (list and replay)."""
-    p.add_argument("--channel", choices=CHANNELS)
+    p.add_argument("--channel", choices=PARKED_CHANNELS)
     p.add_argument("--error-type", action="append", dest="error_types", metavar="TYPE",
                    choices=[e.value for e in ErrorType],
                    help="repeatable: " + ", ".join(e.value for e in ErrorType))
