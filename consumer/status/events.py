@@ -178,16 +178,24 @@ def waits_for_database(exc: BaseException) -> bool:
     return isinstance(exc, asyncpg.PostgresError) and state[:2] in _SCHEMA_SQLSTATE_CLASSES
 
 
-def refused(exc: BaseException) -> DeliveryError:
-    """Why the database (or the consumer) would not apply one event, as a parking reason."""
+def refused(exc: BaseException, recipient: str | None = None) -> DeliveryError:
+    """Why the database (or the consumer) would not apply one event, as a parking reason.
+
+    Only the error's first line: PostgreSQL's detail quotes the whole row
+    (recipient included), and the reason goes to logs, headers and notices.
+    """
     state = getattr(exc, "sqlstate", None)
     if isinstance(exc, asyncpg.PostgresError) and state:
         # Data exceptions and integrity violations are about what the event says.
         kind = ErrorType.INVALID_PAYLOAD if state[:2] in ("22", "23") else ErrorType.OTHER
-        return DeliveryError(kind, f"the database refused this event: {exc}"[:1000],
-                             code=state, retryable=False)
-    return DeliveryError(ErrorType.OTHER, f"applying this event failed: {exc!r}"[:1000],
-                         code=type(exc).__name__, retryable=False)
+        text, code = f"the database refused this event: {exc.args[0] if exc.args else ''}", state
+    else:
+        text = f"applying this event failed: {type(exc).__name__}: {exc}"
+        kind, code = ErrorType.OTHER, type(exc).__name__
+    text = text.splitlines()[0][:1000] if text else text
+    if recipient:
+        text = mask_recipient_in(text, recipient)
+    return DeliveryError(kind, text, code=code, retryable=False)
 
 
 def _problems(exc: ValidationError) -> str:
@@ -358,7 +366,7 @@ class EventsConsumer:
             if len(decoded) == 1:
                 message, _, event = decoded[0]
                 metrics.EVENTS_APPLIED.labels(event.provider, event.status, "parked").inc()
-                await self._park_event(message, event, refused(exc))
+                await self._park_event(message, event, refused(exc, event.recipient))
                 return
             half = len(decoded) // 2
             log.warning("events.batch_split", events=len(decoded), error=repr(exc)[:300])
