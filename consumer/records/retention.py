@@ -20,7 +20,9 @@ id, when it finished and its status), the claim (``herald_claim_batch``)
 answers ``duplicate`` for a tombstoned id, and nothing else re-creates its
 row (sql/0009). A batch writes its tombstones and deletes its rows while
 holding the prune lock exclusively; every claim holds it shared, so no
-claim can see the row gone without also seeing the tombstone.
+claim can see the row gone without also seeing the tombstone. The lock is
+taken just before each batch commits, so claims wait for the commit only,
+not for the deleting.
 
 **The cut-off** (``--older-than``) must be at least :data:`MIN_OLDER_THAN`:
 one trip through the delay levels (2^18 - 1 s, about 72.8 h) plus a day.
@@ -49,6 +51,7 @@ if publishers never re-publish that late.
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -74,10 +77,14 @@ MIN_OLDER_THAN = LONGEST_TRIP + MARGIN
 DEFAULT_FORGET_AFTER = timedelta(days=365)
 
 # A batch waits at most this long for the prune lock (claims in flight hold it
-# for milliseconds); meanwhile new claims queue behind the request, so the wait
-# is bounded, and the batch is tried again after a pause.
-LOCK_TIMEOUT_MS = 5000
-LOCK_ATTEMPTS = 10
+# for milliseconds, and new claims queue behind the request meanwhile), less
+# than PostgreSQL's deadlock_timeout (1 s by default): see _batch. Then it is
+# undone and tried again after a pause, up to LOCK_ATTEMPTS times.
+LOCK_TIMEOUT_MS = 300
+LOCK_ATTEMPTS = 20
+# Rows locked by other writers (the events consumer's outbox, a replay) are
+# waited for this long before the batch is tried again.
+ROW_LOCK_TIMEOUT_MS = 5000
 
 
 class RetentionError(Exception):
@@ -164,7 +171,6 @@ async def prune(pool: asyncpg.Pool, older_than: timedelta, *,
             if not ids:
                 break
             report.batches += 1
-            log.info("prune.batch", messages=len(ids), total=report.messages)
         await _tidy(conn, report, cutoff, forget, batch_size, events)
     log.info("prune.done", **report.to_json())
     return report
@@ -192,57 +198,73 @@ async def _count(conn: Conn, report: PruneReport, cutoff: datetime, forget: date
 
 async def _locked_batch(conn: Conn, report: PruneReport, cutoff: datetime, batch_size: int,
                         events: bool) -> list[str]:
-    """One batch under the prune lock (tried again while claims keep it busy)."""
+    """One batch (tried again while claims keep the prune lock busy)."""
     for attempt in range(1, LOCK_ATTEMPTS + 1):
         try:
+            locked: list[float] = []
             async with conn.transaction():
-                await conn.execute(f"SET LOCAL lock_timeout = {LOCK_TIMEOUT_MS}")
-                await conn.execute("SELECT pg_advisory_xact_lock(herald_prune_lock_key())")
-                return await _batch(conn, report, cutoff, batch_size, events)
+                ids = await _batch(conn, report, cutoff, batch_size, events, locked)
+            if locked:
+                log.info("prune.batch", messages=len(ids), total=report.messages,
+                         lock_held_ms=round((time.perf_counter() - locked[0]) * 1000, 1))
+            return ids
         except (asyncpg.LockNotAvailableError, asyncpg.DeadlockDetectedError) as exc:
             log.warning("prune.lock_busy", attempt=attempt, error=str(exc)[:200])
-            await asyncio.sleep(min(attempt, 5))
+            await asyncio.sleep(min(attempt, 5) * 0.2)
     raise RetentionError(
         f"gave up after {LOCK_ATTEMPTS} tries: the prune lock or the rows to delete stayed"
-        f" busy for over {LOCK_TIMEOUT_MS / 1000:g} s each time (a long transaction on"
-        " messages?)")
+        " busy each time (a long transaction on messages?)")
 
 
 async def _batch(conn: Conn, report: PruneReport, cutoff: datetime, batch_size: int,
-                 events: bool) -> list[str]:
+                 events: bool, locked: list[float]) -> list[str]:
+    """Delete a batch of messages with their history, leaving tombstones; one transaction.
+
+    The prune lock is taken last, just before the commit: it only has to be
+    held while the deletions and the tombstones become visible together, and
+    taking it waits for the claims in flight. A claim may meanwhile be
+    waiting for one of this batch's rows (a copy of a message being pruned)
+    while holding the lock shared: so the lock is asked for with a short
+    timeout, and on timeout the batch is undone (the claim then finds the
+    row) and tried again, rather than deadlocking.
+    """
+    await conn.execute(f"SET LOCAL lock_timeout = {ROW_LOCK_TIMEOUT_MS}")
     rows = await conn.fetch(
-        f"""SELECT m.message_id, m.status, m.updated_at {_DUE} AND NOT {_PARKED}
+        f"""SELECT m.message_id {_DUE} AND NOT {_PARKED}
              LIMIT $3 FOR UPDATE OF m SKIP LOCKED""", list(PRUNABLE), cutoff, batch_size)
     ids = [r["message_id"] for r in rows]
     if not ids:
         return ids
-    await conn.execute(
-        """INSERT INTO message_tombstones AS t (message_key, finished_at, status)
-           SELECT herald_message_key(x.message_id), x.finished_at, x.status
-             FROM unnest($1::text[], $2::timestamptz[], $3::text[])
-                  AS x(message_id, finished_at, status)
+    attempts = await conn.execute("DELETE FROM delivery_attempts WHERE message_id = ANY($1)", ids)
+    provider_events = (await conn.execute(
+        "DELETE FROM provider_events WHERE message_id = ANY($1)", ids) if events else "0")
+    actions = await conn.execute("DELETE FROM message_actions WHERE message_id = ANY($1)", ids)
+    parked_rows = await conn.execute(
+        "DELETE FROM parked_messages WHERE message_id = ANY($1) AND state <> 'parked'", ids)
+    # The events consumer's outbox rows go by cascade.
+    gone = await conn.execute(
+        """WITH gone AS (
+               DELETE FROM messages WHERE message_id = ANY($1)
+               RETURNING message_id, status, updated_at)
+           INSERT INTO message_tombstones AS t (message_key, finished_at, status)
+           SELECT herald_message_key(message_id), updated_at, status FROM gone
            ON CONFLICT (message_key) DO UPDATE
               SET finished_at = GREATEST(t.finished_at, EXCLUDED.finished_at),
-                  status = EXCLUDED.status""",
-        ids, [r["updated_at"] for r in rows], [r["status"] for r in rows])
-    # Attempts by hand rather than by cascade: the same work, and counted.
-    deleted = await conn.execute(
-        "DELETE FROM delivery_attempts WHERE message_id = ANY($1)", ids)
-    report.attempts += int(deleted.split()[-1])
-    # The events consumer's outbox rows go by cascade.
-    deleted = await conn.execute("DELETE FROM messages WHERE message_id = ANY($1)", ids)
-    report.messages += int(deleted.split()[-1])
-    if events:
-        deleted = await conn.execute(
-            "DELETE FROM provider_events WHERE message_id = ANY($1)", ids)
-        report.provider_events += int(deleted.split()[-1])
-    deleted = await conn.execute(
-        "DELETE FROM message_actions WHERE message_id = ANY($1)", ids)
-    report.actions += int(deleted.split()[-1])
-    deleted = await conn.execute(
-        "DELETE FROM parked_messages WHERE message_id = ANY($1) AND state <> 'parked'", ids)
-    report.parked_rows += int(deleted.split()[-1])
+                  status = EXCLUDED.status""", ids)
+    await conn.execute(f"SET LOCAL lock_timeout = {LOCK_TIMEOUT_MS}")
+    await conn.execute("SELECT pg_advisory_xact_lock(herald_prune_lock_key())")
+    locked.append(time.perf_counter())
+    report.messages += _count_of(gone)
+    report.attempts += _count_of(attempts)
+    report.provider_events += _count_of(provider_events)
+    report.actions += _count_of(actions)
+    report.parked_rows += _count_of(parked_rows)
     return ids
+
+
+def _count_of(status: str) -> int:
+    """The row count of a command status (``DELETE 12``, ``INSERT 0 12``)."""
+    return int(status.split()[-1])
 
 
 async def _tidy(conn: Conn, report: PruneReport, cutoff: datetime, forget: datetime,
