@@ -16,7 +16,7 @@ CREATE FUNCTION herald_message_key(p_message_id text) RETURNS uuid
 LANGUAGE sql STABLE STRICT PARALLEL SAFE
 AS $$ SELECT encode(substr(sha256(convert_to(p_message_id, 'UTF8')), 1, 16), 'hex')::uuid $$;
 
--- One row per pruned message: about 100 bytes with its index entry, whatever
+-- One row per pruned message: about 110 bytes with its index entry, whatever
 -- the message was. Kept until the message's last change is older than
 -- `herald prune --forget-after` (default 365 days); the BRIN index makes
 -- finding those cheap, since tombstones are written roughly in finished_at order.

@@ -43,8 +43,8 @@ never less than ``--older-than``); then the same ``herald prune`` removes
 them and the id counts as new again. So Herald remembers every
 ``message_id`` for that long after its message finished: a re-published
 request or a stale copy within that window is never sent, one after it is
-a new message. A tombstone takes about 100 bytes (row and index entry), so
-a year of 1,000,000 messages a day is about 37 GB; choose a shorter window
+a new message. A tombstone takes about 110 bytes (row and index entry), so
+a year of 1,000,000 messages a day is about 40 GB; choose a shorter window
 if publishers never re-publish that late.
 """
 
