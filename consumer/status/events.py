@@ -247,11 +247,9 @@ class EventsConsumer:
         self._channel: AbstractChannel | None = None
         self._queue: AbstractQueue | None = None
         self._tag: str | None = None
-        # Which deliveries are settled, for handing back the rest of a batch that
-        # failed: the highest tag acked with ``multiple`` per AMQP channel, and
-        # the ones of the batch in hand acked on their own (parked).
-        self._acked_upto: dict[int, int] = {}
-        self._acked_alone: set[int] = set()
+        # The deliveries of the batch in hand already acked (by id), so that a
+        # batch that fails part-way hands back exactly the others.
+        self._settled: set[int] = set()
         self._batch_size = metrics.DB_BATCH_SIZE.labels("events")
         self._batch_seconds = metrics.DB_BATCH_SECONDS.labels("events")
 
@@ -311,7 +309,7 @@ class EventsConsumer:
                 while self._buffer and not self._closing:
                     batch = self._buffer[: self.max_batch]
                     del self._buffer[: self.max_batch]
-                    self._acked_alone.clear()
+                    self._settled.clear()
                     await self._handle_batch(batch)
                     if loop.time() - last_sweep >= self.sweep_interval_s:
                         break  # let the sweep run even during a long burst
@@ -432,26 +430,25 @@ class EventsConsumer:
             with contextlib.suppress(ChannelInvalidStateError):
                 # (A closed channel's deliveries are back in the queue already.)
                 last[id(message.channel)] = message
-        for key, message in last.items():
+        for message in last.values():
             await _ack(message, multiple=True)
-            self._acked_upto[key] = max(self._acked_upto.get(key, 0), message.delivery_tag or 0)
+        self._settled.update(id(message) for message in messages)
 
     async def _ack_one(self, message: AbstractIncomingMessage) -> None:
         await _ack(message)
-        self._acked_alone.add(id(message))
+        self._settled.add(id(message))
 
     async def _hand_back(self, messages: Sequence[AbstractIncomingMessage]) -> None:
-        """Return the deliveries of a batch that are not settled to the queue."""
+        """Return the deliveries of a batch that are not settled to the queue
+        (with RabbitMQ's requeue: at the tail; events may come in any order)."""
         for message in messages:
-            if id(message) in self._acked_alone:
+            if id(message) in self._settled:
                 continue
             try:
-                if (message.delivery_tag or 0) <= self._acked_upto.get(id(message.channel), 0):
-                    continue
                 await message.nack(requeue=True)
             except Exception as exc:  # the channel died: the broker has them back already
                 log.warning("events.nack_lost", error=repr(exc)[:200])
-        self._acked_alone.clear()
+        self._settled.clear()
 
     async def apply(self, items: list[dict[str, Any]]) -> list[int]:
         """Apply events in one transaction; returns the ids of the actions to carry out."""

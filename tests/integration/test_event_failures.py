@@ -18,6 +18,7 @@ from aio_pika.abc import AbstractRobustConnection
 from prometheus_client import REGISTRY
 
 from consumer.publisher import Publisher
+from consumer.status import events as events_module
 from consumer.status.events import EventsConsumer
 from consumer.topology import Names
 from schemas import ProviderEvent
@@ -196,6 +197,43 @@ async def test_an_action_the_database_refuses_leaves_the_batch_settled_for_the_s
 
     await wait_for(parked, timeout=15, what="the sweep parks it")
     assert await queue_depth(amqp, f"{prefix}.events") == 0
+
+
+async def test_a_batch_that_fails_unexpectedly_goes_back_to_the_queue(
+    amqp: AbstractRobustConnection, prefix: str, db: asyncpg.Connection,
+    start_herald: HeraldFactory, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(EventsConsumer, "max_batch", 2)
+    monkeypatch.setattr(EventsConsumer, "prefetch", 2)
+    real_park = events_module.park
+    calls: list[str] = []
+
+    async def park_failing_once(*args: Any, **kwargs: Any) -> uuid.UUID:
+        calls.append(kwargs["channel"])
+        if len(calls) == 1:
+            raise RuntimeError("a bug in parking")
+        return await real_park(*args, **kwargs)
+
+    # A failure no one planned for (a bug), in the middle of a batch whose
+    # first event is applied already.
+    monkeypatch.setattr(events_module, "park", park_failing_once)
+    await insert_message(db, "m1", pmid="SM1")
+    await insert_message(db, "m2", pmid="SM2")
+    first = _body(ev("twilio", "SM1", "delivered", at(1)))
+    await _publish(amqp, prefix, (first, str(uuid.uuid4())), (b"garbage", str(uuid.uuid4())))
+    await start_herald(roles=("events",))
+
+    async def parked() -> bool:
+        return len(await _parked_events(db)) == 1
+
+    await wait_for(parked, timeout=20, what="parked on the second delivery")
+    assert len(calls) == 2
+    assert await _delivered(db, "m1")
+    # And the consumer goes on, with its prefetch free.
+    second = _body(ev("twilio", "SM2", "delivered", at(2)))
+    await _publish(amqp, prefix, (second, str(uuid.uuid4())))
+    await wait_for(lambda: _delivered(db, "m2"), timeout=15, what="the next event applied")
+    assert len(await _parked_events(db)) == 1
 
 
 async def _run_script(*args: str) -> None:
