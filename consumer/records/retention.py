@@ -163,14 +163,15 @@ async def prune(pool: asyncpg.Pool, older_than: timedelta, *,
         if dry_run:
             await _count(conn, report, cutoff, forget)
             return report
-        report.kept_parked = int(await conn.fetchval(
-            f"SELECT count(*) {_DUE} AND {_PARKED}", list(PRUNABLE), cutoff))
         events = await _has_events(conn)
         while True:
             ids = await _locked_batch(conn, report, cutoff, batch_size, events)
             if not ids:
                 break
             report.batches += 1
+        # Counted once the others are gone: then it is a short scan.
+        report.kept_parked = int(await conn.fetchval(
+            f"SELECT count(*) {_DUE} AND {_PARKED}", list(PRUNABLE), cutoff))
         await _tidy(conn, report, cutoff, forget, batch_size, events)
     log.info("prune.done", **report.to_json())
     return report
