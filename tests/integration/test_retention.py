@@ -221,7 +221,7 @@ async def test_prune_refuses_short_windows_and_asks_first(
 ) -> None:
     await _message(db, "old", "delivered", 30)
     env = herald_env(prefix, db_url)
-    for args, says in ((("--older-than", "72h"), "at least 4d 49m"),
+    for args, says in ((("--older-than", "72h"), "at least 4d 49m 3s"),
                        (("--older-than", "0s"), "at least"),
                        (("--older-than", "30d", "--forget-after", "7d"), "--forget-after")):
         code, _, err = await herald_cli(env, "prune", *args, "--yes")
