@@ -29,6 +29,9 @@ HEADER_PARKED_AT = "x-herald-parked-at"
 HEADER_CHANNEL = "x-herald-channel"
 HEADER_MESSAGE_ID = "x-herald-message-id"
 HEADER_PARKED_ID = "x-herald-parked-id"
+# A parked provider event's id (the AMQP message id the receiver gave it), which
+# its replay publishes again so that the events consumer still recognises it.
+HEADER_EVENT_ID = "x-herald-event-id"
 
 # -- on replayed copies -----------------------------------------------------------------
 HEADER_REPLAY_OF = "x-herald-replay-of"

@@ -16,11 +16,20 @@ added.
 from __future__ import annotations
 
 import uuid
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
-from schemas.send_request import Channel
+from schemas.send_request import CHANNELS, Channel
+
+# The channel of a parked provider event: one the events consumer could not
+# apply (not a provider event, or refused by the database). Its replay puts it
+# back on {prefix}.events.
+PARKED_EVENTS_CHANNEL: Final = "events"
+ParkedChannel = Literal[Channel, "events"]
+PARKED_CHANNELS: tuple[str, ...] = (*CHANNELS, PARKED_EVENTS_CHANNEL)
+_CHANNEL = ("The send request's channel, or 'events' for a provider event the events"
+            " consumer could not apply.")
 
 # Why a message failed: the operators' vocabulary, the same for every provider.
 ErrorTypeName = Literal[
@@ -38,7 +47,7 @@ class ParkingNotice(BaseModel):
     message_id: str | None = Field(
         description="The send request's message_id; for a body that did not parse, the AMQP "
                     "message-id property if it had one.")
-    channel: Channel
+    channel: ParkedChannel = Field(description=_CHANNEL)
     error_type: ErrorTypeName
     error_code: str | None = Field(description="The provider's own code, when it gave one.")
     last_error: str = Field(max_length=500, description="What went wrong, in words.")
@@ -57,10 +66,14 @@ class ParkedHeaders(BaseModel):
     last_error: str = Field(alias="x-herald-last-error", max_length=1000)
     attempt: int = Field(alias="x-herald-attempt", ge=0)
     parked_at: AwareDatetime = Field(alias="x-herald-parked-at", description="ISO 8601.")
-    channel: Channel = Field(alias="x-herald-channel")
+    channel: ParkedChannel = Field(alias="x-herald-channel", description=_CHANNEL)
     parked_id: uuid.UUID = Field(alias="x-herald-parked-id")
     message_id: str | None = Field(default=None, alias="x-herald-message-id",
                                    description="Absent when the body had no message id.")
+    event_id: str | None = Field(
+        default=None, alias="x-herald-event-id",
+        description="On a parked provider event: the id it arrived with, which its replay"
+                    " publishes again.")
 
 
 class BrokerParkedHeaders(BaseModel):

@@ -15,8 +15,7 @@ import typing
 from typing import Any
 
 from consumer import __version__
-from schemas.parking import ErrorTypeName
-from schemas.send_request import CHANNELS
+from schemas.parking import PARKED_CHANNELS, ErrorTypeName
 
 _ERROR_TYPES: list[str] = list(typing.get_args(ErrorTypeName))
 
@@ -130,7 +129,7 @@ _SCHEMAS: dict[str, Any] = {
         "properties": {
             "ids": {**_TEXTS, "description": "Parked ids, or unambiguous prefixes of them."},
             "error_types": {"type": "array", "items": {"enum": _ERROR_TYPES}},
-            "channel": {"enum": list(CHANNELS)},
+            "channel": {"enum": list(PARKED_CHANNELS)},
             "campaign": _TEXT,
             "recipient": _TEXT,
             "since": _TIME,
@@ -166,7 +165,7 @@ _SCHEMAS: dict[str, Any] = {
 
 def _paths() -> dict[str, Any]:
     selection = [
-        _query("channel", {"enum": list(CHANNELS)}, "Only this channel."),
+        _query("channel", {"enum": list(PARKED_CHANNELS)}, "Only this channel."),
         _query("error_type", {"type": "array", "items": {"enum": _ERROR_TYPES}},
                "Only these error types (repeat the parameter, or separate with commas).",
                style="form", explode=True),

@@ -31,7 +31,8 @@ from consumer.cli.common import (
 )
 from consumer.errors import ConfigError, ErrorType
 from consumer.text import printable
-from schemas.send_request import CHANNELS
+from consumer.wire import HEADER_EVENT_ID
+from schemas.parking import PARKED_CHANNELS, PARKED_EVENTS_CHANNEL
 
 if TYPE_CHECKING:
     import asyncpg
@@ -42,7 +43,7 @@ if TYPE_CHECKING:
 
 def add_filters(p: argparse.ArgumentParser) -> None:
     """The options that select parked messages (list and replay)."""
-    p.add_argument("--channel", choices=CHANNELS)
+    p.add_argument("--channel", choices=PARKED_CHANNELS)
     p.add_argument("--error-type", action="append", dest="error_types", metavar="TYPE",
                    choices=[e.value for e in ErrorType],
                    help="repeatable: " + ", ".join(e.value for e in ErrorType))
@@ -165,8 +166,13 @@ async def _show(args: argparse.Namespace, settings: Settings, pool: asyncpg.Pool
     p = {k: printable(str(v)) if v is not None else None for k, v in p.items()}
     print(f"parked {p['id']}  state {p['state']}"
           + (f" ({p['resolution']})" if p["resolution"] else ""))
-    print(f"  message {p['message_id']}  channel {p['channel']}  to {p['recipient']}"
-          f"  campaign {p['campaign_id'] or '-'}  attempts {p['attempts']}")
+    if p["channel"] == PARKED_EVENTS_CHANNEL:
+        event_id = found["headers"].get(HEADER_EVENT_ID)
+        print(f"  provider event {printable(str(event_id))}  (a replay puts it back on the"
+              " events queue)")
+    else:
+        print(f"  message {p['message_id']}  channel {p['channel']}  to {p['recipient']}"
+              f"  campaign {p['campaign_id'] or '-'}  attempts {p['attempts']}")
     if m is not None:
         print(f"  status now {m['status']} after {m['attempts']} attempt(s)")
     print(f"  error {p['error_type']}  code {p['error_code'] or '-'}  {p['last_error'] or ''}")

@@ -69,11 +69,25 @@ def render(status: MessageStatus, *, reveal: bool = False) -> str:
 
 
 async def _status(args: argparse.Namespace, settings: Settings) -> int:
+    from consumer.records.retention import tombstone
+
     conn = await asyncpg.connect(settings.database_url)
     try:
         status = await load_status(conn, args.message_id)
+        pruned = await tombstone(conn, args.message_id) if status is None else None
     finally:
         await conn.close()
+    if pruned is not None:
+        # The row and its history are gone; the id is still never sent again.
+        if args.json:
+            print(json.dumps({"message": {k: iso(v) if k == "finished_at" else v
+                                          for k, v in pruned.items()}, "history": []},
+                             indent=2))
+        else:
+            print(f"message   {printable(args.message_id)}\n"
+                  f"status    {pruned['status']}, pruned (finished {iso(pruned['finished_at'])});"
+                  " its history is gone, the id is still never sent again")
+        return 0
     if status is None:
         print(f"herald: no message {printable(repr(args.message_id))}", file=sys.stderr)
         return 1

@@ -44,6 +44,14 @@ log = structlog.get_logger("herald.parked")
 DONE_STATES = ("replayed", "rejected", "purged", "resolved")
 # Message statuses a replay must never send again.
 DELIVERED = ("sent", "delivered", "read")
+# A parked copy's message (m), or the tombstone it left when it was pruned (t):
+# its status either way, and whether it was pruned (herald prune, sql/0009).
+WITH_MESSAGE = """LEFT JOIN messages m ON m.message_id = p.message_id
+                  LEFT JOIN message_tombstones t
+                         ON m.message_id IS NULL
+                        AND t.message_key = herald_message_key(p.message_id)"""
+MESSAGE_STATUS = "COALESCE(m.status, t.status)"
+PRUNED = "(t.status IS NOT NULL)"
 
 
 class LotError(Exception):
@@ -389,9 +397,9 @@ async def rows_for(conn: Conn, deliveries: Sequence[Delivery], names: Names,
                               *selection.conditions(params)])
     else:
         match = "false"
-    sql = (f"SELECT p.*, m.status AS message_status, m.attempts AS message_attempts,"
-           f" ({match}) AS selected"
-           " FROM parked_messages p LEFT JOIN messages m ON m.message_id = p.message_id"
+    sql = (f"SELECT p.*, {MESSAGE_STATUS} AS message_status,"
+           f" m.attempts AS message_attempts, {PRUNED} AS pruned, ({match}) AS selected"
+           f" FROM parked_messages p {WITH_MESSAGE}"
            " WHERE p.parked_id = ANY($1::uuid[])")
     rows = {r["parked_id"]: r for r in await conn.fetch(sql, *params)}
     missing = [d for d in deliveries if d.parked_id not in rows]

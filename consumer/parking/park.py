@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import datetime
 from typing import Any
 
@@ -51,11 +51,13 @@ async def park(
     parked_at: datetime,
     parked_id: uuid.UUID | None = None,
     content_type: str | None = "application/json",
+    headers: Mapping[str, str | int] | None = None,
     run: Runner = _once,
 ) -> uuid.UUID:
-    """Park ``body`` with the reason; returns the parked copy's id."""
+    """Park ``body`` with the reason (and ``headers`` of the caller's own);
+    returns the parked copy's id."""
     parked_id = parked_id or uuid.uuid4()
-    headers = error_headers(error) | {
+    headers = dict(headers or {}) | error_headers(error) | {
         HEADER_ATTEMPT: attempt,
         HEADER_PARKED_AT: parked_at.isoformat(),
         HEADER_CHANNEL: channel,

@@ -17,6 +17,10 @@ The claim in PostgreSQL fences on attempt numbers, so the fixed
 published but not yet acked when the replay died is published again with the
 same attempt number, and the claim sends it at most once.
 
+A parked provider event (channel ``events``: one the events consumer could
+not apply) goes back to ``{prefix}.events`` with its event id, not to a send
+queue; it has no attempts and cannot be edited.
+
 ``x-herald-attempt-base`` (with ``--reset-attempts``, the default) tells the
 pipeline to count the message's attempt budget from the replay on, while the
 attempt numbers, and with them the history, go on from the earlier ones.
@@ -45,6 +49,9 @@ from consumer.logs import mask_tree
 from consumer.parking.lot import (
     DELIVERED,
     DONE_STATES,
+    MESSAGE_STATUS,
+    PRUNED,
+    WITH_MESSAGE,
     Lot,
     LotError,
     Selection,
@@ -52,8 +59,9 @@ from consumer.parking.lot import (
 )
 from consumer.parking.passes import Delivery, lot_lock
 from consumer.publisher import Publisher
-from consumer.wire import HEADER_ATTEMPT, HEADER_ATTEMPT_BASE, HEADER_REPLAY_OF
-from schemas import SendRequest
+from consumer.wire import HEADER_ATTEMPT, HEADER_ATTEMPT_BASE, HEADER_EVENT_ID, HEADER_REPLAY_OF
+from schemas import ProviderEvent, SendRequest
+from schemas.parking import PARKED_EVENTS_CHANNEL
 
 log = structlog.get_logger("herald.replay")
 
@@ -109,8 +117,21 @@ def _validated(body: bytes, channel: str) -> tuple[SendRequest | None, str]:
     return decode_request(body, channel)
 
 
+def _event(body: bytes) -> tuple[ProviderEvent | None, str]:
+    """The provider event in a parked event's body, or None and why not."""
+    try:
+        return ProviderEvent.model_validate_json(body), ""
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "event"
+        return None, f"not a provider event ({where}: {first['msg']}): reject it"
+
+
 def edited_body(edit: Edit, original: bytes, channel: str) -> bytes:
     """The send request an edit produces, validated; raises LotError."""
+    if channel == PARKED_EVENTS_CHANNEL:
+        raise LotError("a parked provider event cannot be edited: replay it as it is,"
+                       " or reject it")
     current, problem = _validated(original, channel)
     if edit.request is not None:
         request, problem = _validated(edit.request, channel)
@@ -245,6 +266,7 @@ async def _pass(lot: Lot, options: ReplayOptions, actor: str, started: datetime,
                 rows = await rows_for(conn, batch, lot.names, actor, options.selection, started)
             report.indexed += rows.indexed
             ready: list[tuple[Delivery, asyncpg.Record, SendRequest, bytes]] = []
+            events: list[tuple[Delivery, asyncpg.Record, ProviderEvent]] = []
             for d in batch:
                 row = rows.get(d)
                 if row["state"] in DONE_STATES:
@@ -255,8 +277,16 @@ async def _pass(lot: Lot, options: ReplayOptions, actor: str, started: datetime,
                     continue
                 if d.parked_id not in rows.new:
                     found += 1
+                if row["channel"] == PARKED_EVENTS_CHANNEL:
+                    event, problem = _event(d.message.body)
+                    if event is None:
+                        report.skipped.append({"id": str(d.parked_id), "message_id": None,
+                                               "why": problem})
+                    else:
+                        events.append((d, row, event))
+                    continue
                 status = row["message_status"]
-                if status in DELIVERED or status == "cancelled":
+                if status in DELIVERED or status == "cancelled" or row["pruned"]:
                     await _resolve(lot.pool, row, status, actor)
                     await lot_pass.ack(d)
                     report.already_delivered += 1
@@ -269,6 +299,16 @@ async def _pass(lot: Lot, options: ReplayOptions, actor: str, started: datetime,
                         "why": problem + ": replay it with --set-request"})
                     continue
                 ready.append((d, row, request, body))
+            if events:
+                done = await _replay_events(lot, publisher, events, actor, pacer, stopping)
+                for d in done:
+                    await lot_pass.ack(d)
+                report.replayed += len(done)
+                for _, row, _ in events[:len(done)]:
+                    report.by_error_type[row["error_type"]] = (
+                        report.by_error_type.get(row["error_type"], 0) + 1)
+                if len(done) < len(events):
+                    break
             if ready:
                 done = await _replay_batch(lot, publisher, ready, options, actor, pacer,
                                            stopping)
@@ -289,8 +329,46 @@ async def _pass(lot: Lot, options: ReplayOptions, actor: str, started: datetime,
             report.not_found = max(0, report.selected - found)
 
 
+async def _replay_events(
+    lot: Lot, publisher: Publisher, ready: list[tuple[Delivery, asyncpg.Record, ProviderEvent]],
+    actor: str, pacer: _Pacer, stopping: Callable[[], bool],
+) -> list[Delivery]:
+    """Publish parked provider events back to ``{prefix}.events`` (confirmed) with
+    the event id they arrived with, so that a copy the consumer did store after all
+    is recognised; mark them replayed. Returns the deliveries now safe to ack."""
+    published: list[tuple[Delivery, asyncpg.Record]] = []
+    for d, row, event in ready:
+        if stopping():
+            break
+        await pacer.wait()
+        event_id = (d.message.headers or {}).get(HEADER_EVENT_ID)
+        if isinstance(event_id, bytes):
+            event_id = event_id.decode("utf-8", "replace")
+        await publisher.publish(
+            lot.names.events, f"{event.provider}.{event.status}", d.message.body,
+            headers={HEADER_REPLAY_OF: str(d.parked_id)},
+            message_id=event_id if isinstance(event_id, str) and event_id else None)
+        published.append((d, row))
+    if not published:
+        return []
+    async with lot.pool.acquire() as conn, conn.transaction():
+        await conn.execute(
+            """UPDATE parked_messages SET state = 'replayed', resolved_at = now(),
+                      resolution = 'replayed to the events queue', resolved_by = $2
+                WHERE parked_id = ANY($1::uuid[]) AND state = 'parked'""",
+            [d.parked_id for d, _ in published], actor)
+        await conn.executemany(
+            """INSERT INTO message_actions (parked_id, action, actor, detail)
+               VALUES ($1, 'replayed', $2, $3)""",
+            [(d.parked_id, actor, {"event": True}) for d, _ in published])
+    for _, row in published:
+        metrics.REPLAYED.labels(PARKED_EVENTS_CHANNEL, row["error_type"]).inc()
+    return [d for d, _ in published]
+
+
 async def _resolve(pool: asyncpg.Pool, row: asyncpg.Record, status: str, actor: str) -> None:
-    why = f"not replayed: the message is already {status}"
+    why = (f"not replayed: the message was {status} and has been pruned" if row["pruned"]
+           else f"not replayed: the message is already {status}")
     async with pool.acquire() as conn, conn.transaction():
         await conn.execute(
             """UPDATE parked_messages SET state = 'resolved', resolved_at = now(),
@@ -384,13 +462,15 @@ async def _plan(lot: Lot, options: ReplayOptions) -> ReplayReport:
     async with lot.pool.acquire() as conn:
         counts = await conn.fetch(
             f"""SELECT p.error_type, count(*) AS n,
-                       count(*) FILTER (WHERE m.status = ANY($%d::text[])) AS delivered
-                  FROM parked_messages p LEFT JOIN messages m ON m.message_id = p.message_id
+                       count(*) FILTER (WHERE m.status = ANY($%d::text[]) OR {PRUNED})
+                           AS delivered
+                  FROM parked_messages p {WITH_MESSAGE}
                  WHERE {where} GROUP BY p.error_type""" % (len(params) + 1),
             *params, [*DELIVERED, "cancelled"])
         rows = await conn.fetch(
-            f"""SELECT p.*, m.status AS message_status, m.attempts AS message_attempts
-                  FROM parked_messages p LEFT JOIN messages m ON m.message_id = p.message_id
+            f"""SELECT p.*, {MESSAGE_STATUS} AS message_status,
+                       m.attempts AS message_attempts, {PRUNED} AS pruned
+                  FROM parked_messages p {WITH_MESSAGE}
                  WHERE {where} ORDER BY p.parked_at LIMIT {DRY_RUN_ITEMS}""", *params)
     report.selected = sum(int(c["n"]) for c in counts)
     report.already_delivered = sum(int(c["delivered"]) for c in counts)
@@ -399,14 +479,26 @@ async def _plan(lot: Lot, options: ReplayOptions) -> ReplayReport:
         body = bytes(row["replay_body"] or row["body"])
         if options.edit is not None:
             body = edited_body(options.edit, body, row["channel"])
-        request, problem = _validated(body, row["channel"])
+        if row["channel"] == PARKED_EVENTS_CHANNEL:
+            event, problem = _event(body)
+            request = None
+            if event is not None:
+                report.items.append({
+                    "id": str(row["parked_id"]), "message_id": None, "channel": row["channel"],
+                    "error_type": row["error_type"], "status": None, "attempt": None,
+                    "action": "replay to the events queue"})
+                continue
+        else:
+            request, problem = _validated(body, row["channel"])
         item: dict[str, Any] = {
             "id": str(row["parked_id"]), "message_id": row["message_id"],
             "channel": row["channel"], "error_type": row["error_type"],
             "status": status, "attempt": (row["replay_attempt"]
                                           or (row["message_attempts"] or 0) + 1),
         }
-        if status in DELIVERED or status == "cancelled":
+        if row["pruned"]:
+            item["action"] = f"not sent: {status}, and pruned since"
+        elif status in DELIVERED or status == "cancelled":
             item["action"] = f"not sent: already {status}"
         elif request is None:
             item["action"] = "skipped: " + problem

@@ -57,6 +57,7 @@ from aio_pika.abc import (
     AbstractQueue,
     AbstractRobustConnection,
 )
+from aio_pika.exceptions import AMQPError, ChannelInvalidStateError
 from pydantic import ValidationError
 
 from consumer import metrics
@@ -70,11 +71,13 @@ from consumer.providers.classify import Rule, as_int, make_error, mask_recipient
 from consumer.providers.messenger import messenger_rule
 from consumer.providers.twilio import twilio_rule
 from consumer.providers.whatsapp import whatsapp_rule
-from consumer.publisher import Publisher
+from consumer.publisher import Publisher, Unroutable
 from consumer.settings import Settings
 from consumer.store import Campaign, Store, is_transient_db_error, resolve_policy
 from consumer.topology import Names
+from consumer.wire import HEADER_EVENT_ID
 from schemas import ProviderEvent, SendRequest
+from schemas.parking import PARKED_EVENTS_CHANNEL
 
 log = structlog.get_logger("herald.events")
 
@@ -158,6 +161,50 @@ def event_id_of(message: AbstractIncomingMessage) -> str:
     return str(uuid.uuid5(uuid.NAMESPACE_URL, "herald-event-body:" + message.body.hex()))
 
 
+# Errors that mean the broker is away (or the topology is not there yet): waited out.
+BROKER_ERRORS = (AMQPError, ChannelInvalidStateError, OSError, TimeoutError, Unroutable)
+
+# SQLSTATE classes that say nothing about an event but about the database: its
+# schema is not migrated (yet), or Herald may not use it. Every event would be
+# refused alike, so they are waited out like an outage, not parked one by one.
+_SCHEMA_SQLSTATE_CLASSES = ("42", "3F", "3D", "28")
+
+
+def waits_for_database(exc: BaseException) -> bool:
+    """True when a database error is the database's state rather than the event's."""
+    if is_transient_db_error(exc):
+        return True
+    state = getattr(exc, "sqlstate", None) or ""
+    return isinstance(exc, asyncpg.PostgresError) and state[:2] in _SCHEMA_SQLSTATE_CLASSES
+
+
+def refused(exc: BaseException, recipient: str | None = None) -> DeliveryError:
+    """Why the database (or the consumer) would not apply one event, as a parking reason.
+
+    Only the error's first line: PostgreSQL's detail quotes the whole row
+    (recipient included), and the reason goes to logs, headers and notices.
+    """
+    state = getattr(exc, "sqlstate", None)
+    if isinstance(exc, asyncpg.PostgresError) and state:
+        # Data exceptions and integrity violations are about what the event says.
+        kind = ErrorType.INVALID_PAYLOAD if state[:2] in ("22", "23") else ErrorType.OTHER
+        text, code = f"the database refused this event: {exc.args[0] if exc.args else ''}", state
+    else:
+        text = f"applying this event failed: {type(exc).__name__}: {exc}"
+        kind, code = ErrorType.OTHER, type(exc).__name__
+    text = text.splitlines()[0][:1000] if text else text
+    if recipient:
+        text = mask_recipient_in(text, recipient)
+    return DeliveryError(kind, text, code=code, retryable=False)
+
+
+def _problems(exc: ValidationError) -> str:
+    found = [f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}"
+             for e in exc.errors()[:3]]
+    return "; ".join(found) + (f" (+{len(exc.errors()) - 3} more)" if len(exc.errors()) > 3
+                               else "")
+
+
 # -- the consumer --------------------------------------------------------------------------
 
 
@@ -200,6 +247,9 @@ class EventsConsumer:
         self._channel: AbstractChannel | None = None
         self._queue: AbstractQueue | None = None
         self._tag: str | None = None
+        # The deliveries of the batch in hand already acked (by id), so that a
+        # batch that fails part-way hands back exactly the others.
+        self._settled: set[int] = set()
         self._batch_size = metrics.DB_BATCH_SIZE.labels("events")
         self._batch_seconds = metrics.DB_BATCH_SECONDS.labels("events")
 
@@ -254,10 +304,12 @@ class EventsConsumer:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wakeup.wait(), timeout=wait)
             self._wakeup.clear()
+            batch: list[AbstractIncomingMessage] = []
             try:
                 while self._buffer and not self._closing:
                     batch = self._buffer[: self.max_batch]
                     del self._buffer[: self.max_batch]
+                    self._settled.clear()
                     await self._handle_batch(batch)
                     if loop.time() - last_sweep >= self.sweep_interval_s:
                         break  # let the sweep run even during a long burst
@@ -268,22 +320,38 @@ class EventsConsumer:
                 return
             except Exception as exc:  # a bug must not end the loop for good
                 log.error("events.batch_failed", error=repr(exc)[:500], exc_info=exc)
+                # Whatever of the batch is not settled goes back to the queue: held
+                # unacked, it would take up prefetch until a restart.
+                await self._hand_back(batch)
                 await asyncio.sleep(1.0)
 
     # -- one batch -------------------------------------------------------------------------
 
     async def _handle_batch(self, messages: Sequence[AbstractIncomingMessage]) -> None:
+        """Apply a batch of deliveries and settle every one of them: applied and
+        acked, or parked (with its raw body, for an operator to see and replay)
+        and acked. Only a stop while the broker or database is away leaves some
+        unacked, for the broker to deliver again."""
         decoded: list[tuple[AbstractIncomingMessage, str, ProviderEvent]] = []
         for message in messages:
             try:
                 event = ProviderEvent.model_validate_json(message.body)
             except ValidationError as exc:
-                # Only Herald's receiver publishes here: this is a bug, not input.
-                log.error("events.invalid_event", error=str(exc.errors()[:3])[:500],
-                          body=message.body[:500].decode("utf-8", "replace"))
-                await _ack(message)
+                # Only Herald's receiver publishes here, but a body from another
+                # version, or another publisher, must not take anything with it.
+                await self._park_event(message, None, DeliveryError(
+                    ErrorType.INVALID_PAYLOAD, "not a provider event: " + _problems(exc),
+                    code="event_schema"))
                 continue
             decoded.append((message, event_id_of(message), event))
+        await self._apply_and_ack(decoded)
+
+    async def _apply_and_ack(
+        self, decoded: Sequence[tuple[AbstractIncomingMessage, str, ProviderEvent]]
+    ) -> None:
+        """Apply events in one transaction, then ack them. When the database
+        refuses the batch (not an outage: those are waited out), halve it until
+        the event it refuses is alone, and park that one."""
         if not decoded:
             return
         items = [event_item(i, event, event_id) for i, (_, event_id, event) in enumerate(decoded)]
@@ -294,21 +362,93 @@ class EventsConsumer:
             raise
         except Exception as exc:
             if len(decoded) == 1:
-                # A single event the database refuses for good: say so loudly
-                # (with the event) rather than block the queue behind it.
-                log.error("events.event_failed", error=repr(exc)[:500],
-                          event=decoded[0][2].model_dump(mode="json"))
-                await _ack(decoded[0][0])
+                message, _, event = decoded[0]
+                metrics.EVENTS_APPLIED.labels(event.provider, event.status, "parked").inc()
+                await self._park_event(message, event, refused(exc, event.recipient))
                 return
+            half = len(decoded) // 2
             log.warning("events.batch_split", events=len(decoded), error=repr(exc)[:300])
-            for message, _, _ in decoded:
-                await self._handle_batch([message])
+            # In delivery order: each half is settled before the next is taken, so a
+            # multiple ack never covers a delivery not yet done with.
+            await self._apply_and_ack(decoded[:half])
+            await self._apply_and_ack(decoded[half:])
             return
         self._batch_size.observe(len(items))
         self._batch_seconds.observe(time.perf_counter() - started)
         if actions:
-            await self._retrying("broker", lambda: self.run_actions(actions))
-        await _ack_batch([message for message, _, _ in decoded])
+            try:
+                await self._retrying("broker", lambda: self.run_actions(actions))
+            except _Stopping:
+                raise
+            except Exception as exc:
+                # The events and their decisions are committed, and the actions wait
+                # in the outbox (event_actions), which the sweep keeps trying: the
+                # events themselves are done with.
+                log.error("events.actions_failed", actions=len(actions), error=repr(exc)[:500],
+                          exc_info=exc)
+        await self._ack_batch([message for message, _, _ in decoded])
+
+    async def _park_event(self, message: AbstractIncomingMessage, event: ProviderEvent | None,
+                          error: DeliveryError) -> None:
+        """Park one event exactly as it arrived (see :mod:`consumer.parking.park`),
+        then ack it; ``herald parked replay`` puts it back on ``{prefix}.events``."""
+        event_id = event_id_of(message)
+        parked_id = await park(
+            self.publisher, self.store, body=message.body, channel=PARKED_EVENTS_CHANNEL,
+            message_id=None, attempt=1, error=error,
+            recipient=event.recipient if event is not None else None, campaign_id=None,
+            parked_at=datetime.now(UTC), content_type=message.content_type,
+            headers={HEADER_EVENT_ID: event_id}, run=self._park_step,
+        )
+        log.error("events.parked", parked_id=str(parked_id), event_id=event_id,
+                  provider=event.provider if event is not None else None,
+                  error_type=error.error_type.value, error_code=error.code,
+                  error=error.message[:500])
+        await self._ack_one(message)
+
+    async def _park_step(self, component: str, step: Callable[[], Awaitable[Any]]) -> Any:
+        if component == "broker":
+            return await self._retrying("broker", step)
+        try:
+            return await self._retrying("database", step)
+        except _Stopping:
+            raise
+        except Exception as exc:
+            # The copy is in the parking queue already (confirmed): `herald parked
+            # sync` indexes it. Not worth holding the event for.
+            log.error("events.park_index_failed", error=repr(exc)[:500])
+            return None
+
+    async def _ack_batch(self, messages: Sequence[AbstractIncomingMessage]) -> None:
+        """Ack a processed batch with one ``multiple`` ack per AMQP channel.
+
+        Deliveries are processed in the order they arrived, so every earlier
+        delivery of the channel is done (applied, or parked and acked on its own).
+        """
+        last: dict[int, AbstractIncomingMessage] = {}
+        for message in messages:
+            with contextlib.suppress(ChannelInvalidStateError):
+                # (A closed channel's deliveries are back in the queue already.)
+                last[id(message.channel)] = message
+        for message in last.values():
+            await _ack(message, multiple=True)
+        self._settled.update(id(message) for message in messages)
+
+    async def _ack_one(self, message: AbstractIncomingMessage) -> None:
+        await _ack(message)
+        self._settled.add(id(message))
+
+    async def _hand_back(self, messages: Sequence[AbstractIncomingMessage]) -> None:
+        """Return the deliveries of a batch that are not settled to the queue
+        (with RabbitMQ's requeue: at the tail; events may come in any order)."""
+        for message in messages:
+            if id(message) in self._settled:
+                continue
+            try:
+                await message.nack(requeue=True)
+            except Exception as exc:  # the channel died: the broker has them back already
+                log.warning("events.nack_lost", error=repr(exc)[:200])
+        self._settled.clear()
 
     async def apply(self, items: list[dict[str, Any]]) -> list[int]:
         """Apply events in one transaction; returns the ids of the actions to carry out."""
@@ -555,8 +695,10 @@ class EventsConsumer:
     async def _retrying(self, component: str, operation: Callable[[], Awaitable[T]]) -> T:
         """Run ``operation`` until it succeeds while the broker or database is away.
 
-        Database errors that are not an outage are raised; every broker error
-        is taken as one (the events stay unacked meanwhile).
+        Other errors are raised: a database error that is not an outage (nor a
+        schema not migrated yet, see :func:`waits_for_database`), and anything
+        that is neither a database nor a broker error (a bug does not go away
+        by waiting; the events stay unacked meanwhile).
         """
         delay = 0.1
         while True:
@@ -565,12 +707,19 @@ class EventsConsumer:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                from_database = component == "database" or isinstance(
-                    exc, asyncpg.PostgresError | asyncpg.InterfaceError)
-                if from_database and not is_transient_db_error(exc):
+                away = component
+                if isinstance(exc, asyncpg.PostgresError | asyncpg.InterfaceError
+                              | asyncpg.InternalClientError):
+                    away = "database"
+                    wait = waits_for_database(exc)
+                elif component == "database":
+                    wait = is_transient_db_error(exc)  # the connection: OSError, a timeout
+                else:
+                    wait = isinstance(exc, BROKER_ERRORS)
+                if not wait:
                     raise
-                metrics.INFRA_RETRIES.labels(component).inc()
-                log.warning(f"events.{component}_unavailable", error=repr(exc)[:300],
+                metrics.INFRA_RETRIES.labels(away).inc()
+                log.warning(f"events.{away}_unavailable", error=repr(exc)[:300],
                             retry_in_s=round(delay, 2))
                 if self._closing:
                     raise _Stopping() from exc
@@ -583,17 +732,3 @@ async def _ack(message: AbstractIncomingMessage, *, multiple: bool = False) -> N
         await message.ack(multiple=multiple)
     except Exception as exc:  # the channel died: the broker redelivers, the event_id dedupes
         log.warning("events.ack_lost", error=repr(exc)[:200])
-
-
-async def _ack_batch(messages: Sequence[AbstractIncomingMessage]) -> None:
-    """Ack a processed batch with one ``multiple`` ack per AMQP channel.
-
-    Deliveries are processed in the order they arrived, so every earlier
-    delivery of the channel is done (or was acked on its own as invalid,
-    which is never the last one acked here).
-    """
-    last: dict[int, AbstractIncomingMessage] = {}
-    for message in messages:
-        last[id(message.channel)] = message
-    for message in last.values():
-        await _ack(message, multiple=True)

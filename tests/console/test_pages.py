@@ -14,8 +14,10 @@ import asyncpg
 import pytest
 from aio_pika.abc import AbstractRobustConnection
 
+from consumer.publisher import Publisher
 from consumer.service import Service
 from consumer.settings import Settings
+from consumer.topology import Names
 from tests.conftest import RunningSandbox
 from tests.console.conftest import OPS_TOKEN, TOKENS, VIEW_TOKEN, RunningHerald
 from tests.console.test_browser import park
@@ -306,3 +308,35 @@ async def test_a_job_whose_process_died_is_marked_interrupted_at_the_next_start(
                                  audit_id) == "interrupted: its process stopped"
     finally:
         await service.stop()
+
+
+async def test_a_parked_provider_event_is_listed_shown_and_previewed(
+    amqp: AbstractRobustConnection, prefix: str, db: asyncpg.Connection,
+    herald: RunningHerald, client: Client,
+) -> None:
+    publisher = Publisher(amqp, Names(prefix))
+    try:
+        await publisher.publish(f"{prefix}.events", "twilio.delivered", b"not an event",
+                                message_id="f1b8c5de-24a9-4b57-8d6e-0c1f6a8e9b11")
+    finally:
+        await publisher.close()
+
+    async def parked() -> bool:
+        return bool(await db.fetchval(
+            "SELECT count(*) FROM parked_messages WHERE channel = 'events'"))
+
+    await wait_for(parked, timeout=15, what="the event parked")
+    parked_id = await db.fetchval("SELECT parked_id FROM parked_messages")
+    await client.sign_in(OPS_TOKEN)
+    status, page, _ = await client.get("/console/parked", channel="events")
+    assert status == 200, page[-2000:]
+    assert str(parked_id)[:8] in page and "event_schema" in page
+    status, page, _ = await client.get(f"/console/parked/{parked_id}")
+    assert status == 200, page[-2000:]
+    assert "not an event" in page and "f1b8c5de-24a9-4b57-8d6e-0c1f6a8e9b11" in page
+    status, page, _ = await client.post("/console/parked/preview",
+                                        {"scope": "matching", "channel": "events"})
+    assert status == 200 and 'id="p-selected">1<' in page, page[-3000:]
+    status, page, _ = await client.post(f"/console/parked/{parked_id}/edit",
+                                        {"body": "\"x\""})
+    assert status == 400 and "cannot be edited" in page, page[-2000:]

@@ -155,7 +155,7 @@ def test_header_models_name_the_headers_of_wire_py() -> None:
     assert aliases(ParkedHeaders) == {
         wire.HEADER_ERROR_TYPE, wire.HEADER_ERROR_CODE, wire.HEADER_LAST_ERROR,
         wire.HEADER_ATTEMPT, wire.HEADER_PARKED_AT, wire.HEADER_CHANNEL,
-        wire.HEADER_PARKED_ID, wire.HEADER_MESSAGE_ID}
+        wire.HEADER_PARKED_ID, wire.HEADER_MESSAGE_ID, wire.HEADER_EVENT_ID}
     assert aliases(BrokerParkedHeaders) <= wire.BROKER_HEADERS
 
 

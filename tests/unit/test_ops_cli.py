@@ -301,6 +301,7 @@ BAD_OPERATOR_ARGUMENTS = [
     (("parked", "purge"), "--older-than"),
     (("parked", "purge", "--older-than", "30x"), "30x"),
     (("prune", "--older-than", "90"), "'90'"),
+    (("prune", "--older-than", "3d"), "at least 4d 49m 3s"),
     (("campaign", "create"), "campaign_id"),
     (("campaign", "create", "c", "--retry-mode", "sometimes"), "sometimes"),
     (("stats", "--recent", "0"), "'0'"),

@@ -54,6 +54,7 @@ from consumer.records.history import load_status
 from consumer.records.stats import campaign_overview, recent_flow, statistics
 from consumer.settings import Settings
 from schemas import SendRequest
+from schemas.parking import PARKED_CHANNELS
 from schemas.send_request import CHANNELS
 
 log = structlog.get_logger("herald.console")
@@ -125,8 +126,8 @@ def selection_from_form(data: Any, now: datetime) -> tuple[Selection, dict[str, 
     given = {k: (data.get(k) or "").strip()[:200] for k in
              ("channel", "error_type", "error_code", "campaign", "recipient", "since", "until")}
     channel = _opt(given["channel"])
-    if channel is not None and channel not in CHANNELS:
-        raise LotError(f"channel: one of {', '.join(CHANNELS)}")
+    if channel is not None and channel not in PARKED_CHANNELS:
+        raise LotError(f"channel: one of {', '.join(PARKED_CHANNELS)}")
     error_types = tuple(t for t in (_opt(given["error_type"]) or "").split(",") if t)
     if any(t not in ErrorType.__members__.values() for t in error_types):
         raise LotError("error type: one of " + ", ".join(e.value for e in ErrorType))
@@ -528,7 +529,7 @@ class Console:
             request, "parked.html", listing=listing, given=given, page=page,
             page_size=PAGE_SIZE, badges=badges,
             badge_totals={t: sum(c.values()) for t, c in badges.items()},
-            channels=CHANNELS, error_types=[e.value for e in ErrorType],
+            channels=PARKED_CHANNELS, error_types=[e.value for e in ErrorType],
             campaign_ids=[c for c in campaigns_parked if c][:200],
             described=selection.describe(), now=now)
 
