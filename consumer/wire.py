@@ -206,17 +206,23 @@ def read_copy_headers(headers: Mapping[str, Any], *, now: float) -> CopyHeaders:
     return CopyHeaders(attempt, base, first_seen, due_at, problem, tuple(ignored))
 
 
-def amqp_message_id(message_id: str | None) -> str | None:
-    """``message_id`` as the AMQP message-id property, or None when it cannot be
-    one (a shortstr holds at most 255 bytes of UTF-8). The id also travels in
-    the body, which is what Herald reads; the property is a courtesy."""
-    if message_id is None:
+def amqp_shortstr(value: str | None) -> str | None:
+    """``value`` as an AMQP short-string property (a message-id, a content type),
+    or None when it cannot be one: a shortstr holds at most 255 bytes of UTF-8.
+
+    A message id too long for it still travels in the body, which is what
+    Herald reads; the property is a courtesy. A content type a publisher sent
+    with bytes that were not UTF-8 comes back longer than it went (each such
+    byte is read as U+FFFD, three bytes), and is dropped rather than making
+    the publish of the parked copy fail for good.
+    """
+    if value is None:
         return None
     try:
-        size = len(message_id.encode("utf-8"))
+        size = len(value.encode("utf-8"))
     except UnicodeEncodeError:
         return None
-    return message_id if size <= MAX_AMQP_SHORTSTR_BYTES else None
+    return value if size <= MAX_AMQP_SHORTSTR_BYTES else None
 
 
 # How much of a publisher's headers Herald's copies carry (encoded, roughly).

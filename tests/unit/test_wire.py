@@ -22,7 +22,7 @@ from consumer.wire import (
     HEADER_FIRST_SEEN,
     MAX_ATTEMPT,
     CopyHeaders,
-    amqp_message_id,
+    amqp_shortstr,
     encodable,
     read_copy_headers,
 )
@@ -130,13 +130,15 @@ def test_any_headers_give_numbers_herald_can_store(headers: dict[str, Any]) -> N
 
 
 def test_message_id_that_fits_a_shortstr_is_kept() -> None:
-    assert amqp_message_id("é" * 127) == "é" * 127  # 254 bytes
-    assert amqp_message_id(None) is None
+    assert amqp_shortstr("é" * 127) == "é" * 127  # 254 bytes
+    assert amqp_shortstr(None) is None
 
 
 def test_message_id_over_255_bytes_is_left_out() -> None:
-    assert amqp_message_id("é" * 128) is None  # 128 characters, 256 bytes
-    assert amqp_message_id("\ud800") is None
+    assert amqp_shortstr("é" * 128) is None  # 128 characters, 256 bytes
+    assert amqp_shortstr("\ud800") is None
+    # A content type of 255 bytes that were not UTF-8, as read back: 765 bytes.
+    assert amqp_shortstr("\ufffd" * 255) is None
 
 
 # -- headers published again -----------------------------------------------------------------
