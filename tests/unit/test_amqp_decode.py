@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+from datetime import UTC, datetime
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -21,6 +22,8 @@ def test_the_package_installs_the_decoders() -> None:
     assert decode.METHODS["shortstr"] is amqp_decode.short_str
     assert decode.METHODS["table"] is amqp_decode.field_table
     assert decode.TABLE_MAPPING[b"F"] is amqp_decode.field_table
+    assert decode.METHODS["timestamp"] is amqp_decode.timestamp
+    assert decode.TABLE_MAPPING[b"T"] is amqp_decode.timestamp
 
 
 def test_a_header_name_that_is_not_utf8_is_read() -> None:
@@ -49,6 +52,23 @@ def test_a_content_header_with_such_a_message_id_is_read() -> None:
     _, _, read = frame.unmarshal(raw)
     assert read.properties.message_id == "\ufffd" * 4
     assert read.properties.headers == {"k": 1}
+
+
+def test_a_timestamp_past_datetimes_range_reads_as_absent() -> None:
+    assert amqp_decode.timestamp(struct.pack(">Q", 2**63 - 1)) == (8, None)
+    huge = table_with_key(b"when", b"T" + struct.pack(">Q", 2**64 - 1))
+    assert decode.field_table(huge)[1] == {"when": None}
+    assert decode.field_table(table_with_key(b"when", b"T" + struct.pack(">Q", 1)))[1][
+        "when"].year == 1970
+
+
+def test_a_content_header_with_such_a_timestamp_is_read() -> None:
+    props = commands.Basic.Properties(message_id="m", timestamp=datetime(2030, 1, 1, tzinfo=UTC))
+    raw = frame.marshal(header.ContentHeader(0, 5, props), 1)
+    stamp = struct.pack(">Q", int(datetime(2030, 1, 1, tzinfo=UTC).timestamp()))
+    assert stamp in raw
+    _, _, read = frame.unmarshal(raw.replace(stamp, struct.pack(">Q", 2**63 - 1)))
+    assert (read.properties.message_id, read.properties.timestamp) == ("m", None)
 
 
 def test_utf8_tables_read_as_before() -> None:
