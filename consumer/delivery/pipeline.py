@@ -585,13 +585,28 @@ class Pipeline:
         recipient: str | None,
         campaign_id: str | None,
     ) -> None:
-        """Park the original bytes with the reason (see :mod:`consumer.parking.park`)."""
-        await park(
-            self.publisher, self.store, body=body, channel=channel, message_id=message_id,
-            attempt=attempt, error=error, recipient=recipient, campaign_id=campaign_id,
-            parked_at=self.now(), content_type=content_type, run=self._infra,
-            body_limit=self.settings.max_body_bytes,
-        )
+        """Park the original bytes with the reason (see :mod:`consumer.parking.park`).
+
+        The parked copy carries only Herald's headers and the publisher's
+        content type; should the broker refuse even that copy, it is parked
+        again without the content type (nothing else of the publisher's is
+        on it), rather than looping.
+        """
+        try:
+            await park(
+                self.publisher, self.store, body=body, channel=channel, message_id=message_id,
+                attempt=attempt, error=error, recipient=recipient, campaign_id=campaign_id,
+                parked_at=self.now(), content_type=content_type, run=self._infra,
+                body_limit=self.settings.max_body_bytes,
+            )
+        except Unstorable as exc:
+            if content_type is None:
+                raise
+            log.error("delivery.parked_copy_refused", error=exc.reason,
+                      note="parking it without the publisher's content type")
+            await self._publish_parked(body, channel, message_id, attempt, error,
+                                       content_type=None, recipient=recipient,
+                                       campaign_id=campaign_id)
 
     async def _defer(
         self,

@@ -21,12 +21,14 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
 
+import aio_pika
 import asyncpg
 import pytest
 from aio_pika.abc import AbstractRobustConnection
 from prometheus_client import REGISTRY
 from structlog.testing import capture_logs
 
+from consumer.publisher import Publisher
 from consumer.settings import Settings
 from consumer.store import Store, create_pool, is_data_error
 from consumer.topology import Names
@@ -311,3 +313,59 @@ async def test_forged_attempt_headers_buy_nothing(
                    > duplicates, timeout=10, what="the forged copy suppressed")
     assert len(sandbox.sandbox.attempts_for("down-1")) == 1
     assert await db.fetchval("SELECT attempts FROM messages WHERE message_id = 'down-1'") == 1
+
+
+# -- copies the broker refuses -------------------------------------------------------------
+
+
+async def test_copies_the_client_cannot_encode_are_parked_not_looped(
+    amqp: AbstractRobustConnection, prefix: str, db: asyncpg.Connection,
+    sandbox: RunningSandbox, start_service: ServiceFactory, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Herald's own checks leave nothing the client refuses to encode today (ids,
+    content types and carried headers are made publishable first); should
+    something get through all the same, the message is parked, once, instead
+    of its publish being retried as if the broker were away."""
+    real_publish = Publisher.publish
+
+    async def refusing(self: Publisher, exchange: str, routing_key: str, body: bytes,
+                       **kwargs: Any) -> None:
+        headers = kwargs.get("headers") or {}
+        if "x-poison" in headers or kwargs.get("content_type") == "text/poison":
+            raise TypeError("x-poison error: Unknown type")  # as pamqp words it
+        await real_publish(self, exchange, routing_key, body, **kwargs)
+
+    monkeypatch.setattr(Publisher, "publish", refusing)
+    await start_service()
+    with capture_logs() as logs:
+        channel = await amqp.channel()
+        try:
+            exchange = await channel.get_exchange(prefix, ensure=False)
+            # A retry copy carrying the publisher's header cannot be published: parked.
+            await exchange.publish(aio_pika.Message(
+                json.dumps(request("retry-1", sandbox.url("down", status=503))).encode(),
+                headers={"x-poison": 1}), "send.http")
+            # A parked copy with the publisher's content type cannot: parked without it.
+            await exchange.publish(aio_pika.Message(b"not json", content_type="text/poison"),
+                                   "send.http")
+        finally:
+            await channel.close()
+        parked = await drain_queue(amqp, Names(prefix).parked, expect=2, timeout=20)
+    by_body = {p.body: p for p in parked}
+    retried = by_body[json.dumps(request("retry-1", sandbox.url("down", status=503))).encode()]
+    assert retried.headers["x-herald-error-type"] == "provider_error"
+    assert retried.headers["x-herald-last-error"].endswith(
+        "(and the copy for another attempt was refused: TypeError: x-poison error:"
+        " Unknown type)")
+    invalid = by_body[b"not json"]
+    assert invalid.headers["x-herald-error-type"] == "invalid_payload"
+    assert invalid.content_type is None
+
+    async def failed() -> bool:
+        return await db.fetchval(
+            "SELECT status FROM messages WHERE message_id = 'retry-1'") == "failed"
+
+    await wait_for(failed, timeout=10, what="retry-1 recorded failed")
+    assert len(sandbox.sandbox.attempts_for("retry-1")) == 1
+    events = [e["event"] for e in logs]
+    assert "delivery.crashed" not in events and "broker.unavailable" not in events
