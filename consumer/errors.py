@@ -7,6 +7,7 @@ DESIGN.md §5), ``code``, ``message`` and ``retry_after``.
 
 from __future__ import annotations
 
+import math
 from enum import StrEnum
 
 from consumer.text import storable
@@ -14,6 +15,10 @@ from consumer.text import storable
 # What is kept of an error's text and code; both are stored and shown.
 MAX_MESSAGE = 2000
 MAX_CODE = 100
+# The longest Retry-After believed: one trip through the delay levels (2^18 - 1 s,
+# about three days). A provider, or any endpoint a publisher names, could
+# otherwise ask for a delay no timestamp or AMQP header can carry.
+MAX_RETRY_AFTER_S = 262143.0
 
 
 class ErrorType(StrEnum):
@@ -45,7 +50,8 @@ class DeliveryError(Exception):
     recipient (Twilio 30003, handset unreachable): retried, but no sign of an
     outage. ``message`` and ``code`` are made storable
     (:func:`consumer.text.storable`) whatever text a provider or a library put
-    into them.
+    into them; ``retry_after`` is capped at :data:`MAX_RETRY_AFTER_S` (and
+    dropped when it is not a finite number).
     """
 
     def __init__(
@@ -61,6 +67,9 @@ class DeliveryError(Exception):
     ) -> None:
         message = storable(message, MAX_MESSAGE)
         code = None if code is None else storable(code, MAX_CODE)
+        if retry_after is not None:
+            retry_after = (min(max(float(retry_after), 0.0), MAX_RETRY_AFTER_S)
+                           if math.isfinite(retry_after) else None)
         super().__init__(message)
         self.error_type = error_type
         self.code = code
@@ -94,3 +103,15 @@ class DeliveryError(Exception):
 
 class ConfigError(Exception):
     """Invalid configuration: the message is one line naming the variable."""
+
+
+class Unstorable(Exception):
+    """The database or the broker refused a message's data (a value PostgreSQL
+    cannot store, a header AMQP cannot encode). Unlike an outage, trying the
+    same write again cannot help: the caller deals with that one message."""
+
+    def __init__(self, component: str, cause: BaseException) -> None:
+        self.component = component
+        self.cause = cause
+        self.reason = storable(f"{type(cause).__name__}: {cause}", 500).replace("\n", " ")
+        super().__init__(f"{component} refused it: {self.reason}")

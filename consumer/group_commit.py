@@ -5,8 +5,15 @@ commit per message makes the disk's fsync the speed limit. A
 :class:`Batcher` collects the requests of all messages in flight and runs
 them as one statement; while one batch is being written, the next one fills
 up, so batches grow with load and stay at one item when idle. Each caller
-still awaits *its own* result, and a failed batch fails every caller in it
-(each then retries on its own, as with a single write).
+still awaits *its own* result.
+
+A batch is written all or nothing, so one item the database refuses (a text
+PostgreSQL cannot store, a number out of range) would fail every message in
+it. When the error is one that ``isolate`` says is not an outage, the batch
+is written again item by item and only the culprit's caller gets the error;
+the others get their results as if nothing had happened. An outage fails
+every caller alike (each then waits it out on its own, as with a single
+write).
 """
 
 from __future__ import annotations
@@ -30,16 +37,19 @@ class Batcher(Generic[Item, Result]):
         *,
         max_batch: int = 500,
         name: str = "batch",
+        isolate: Callable[[BaseException], bool] | None = None,
     ) -> None:
         self._write = write
         self._max_batch = max_batch
         self._name = name
+        self._isolate = isolate
         self._pending: list[tuple[Item, asyncio.Future[Result]]] = []
         self._urgent = 0  # how many at the front of _pending are urgent
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._size = metrics.DB_BATCH_SIZE.labels(name)
         self._seconds = metrics.DB_BATCH_SECONDS.labels(name)
+        self._splits = metrics.DB_BATCH_SPLITS.labels(name)
 
     async def submit(self, item: Item, *, urgent: bool = False) -> Result:
         """Queue ``item`` for the next batch; ``urgent`` ones go to the front of it
@@ -77,6 +87,10 @@ class Batcher(Generic[Item, Result]):
                             fut.cancel()
                     raise
                 except Exception as exc:
+                    if len(live) > 1 and self._isolate is not None and self._isolate(exc):
+                        self._splits.inc()
+                        await self._one_by_one(live)
+                        continue
                     for _, fut in live:
                         if not fut.done():
                             fut.set_exception(exc)
@@ -91,6 +105,26 @@ class Batcher(Generic[Item, Result]):
                 for (_, fut), result in zip(live, results, strict=True):
                     if not fut.done():
                         fut.set_result(result)
+
+    async def _one_by_one(self, live: list[tuple[Item, asyncio.Future[Result]]]) -> None:
+        """Write each item of a failed batch alone: only the culprit fails."""
+        for item, fut in live:
+            if fut.done():
+                continue
+            try:
+                results = await self._write([item])
+            except asyncio.CancelledError:
+                for _, other in live:
+                    if not other.done():
+                        other.cancel()
+                raise
+            except Exception as exc:
+                fut.set_exception(exc)
+                continue
+            if len(results) != 1:
+                fut.set_exception(RuntimeError(f"{self._name}: {len(results)} results for 1"))
+            else:
+                fut.set_result(results[0])
 
     async def close(self) -> None:
         if self._task is not None:

@@ -65,6 +65,18 @@ DB_BATCH_SIZE = Histogram(
     ["kind"],
     buckets=(1, 2, 5, 10, 25, 50, 100, 250, 500),
 )
+DB_BATCH_SPLITS = Counter(
+    "herald_db_batch_splits_total",
+    "Group-commit batches the database refused for one item's data, written again"
+    " item by item so that only that item failed",
+    ["kind"],
+)
+RECORDS_REFUSED = Counter(
+    "herald_records_refused_total",
+    "Outcomes the database refused for their content (a provider's odd answer),"
+    " recorded again without the provider's texts",
+    ["outcome"],
+)
 DB_BATCH_SECONDS = Histogram(
     "herald_db_batch_seconds",
     "Time one group-commit transaction took",

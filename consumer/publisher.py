@@ -14,7 +14,7 @@ import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractRobustConnection
 
 from consumer.topology import MAX_DELAY_S, Names, delay_routing_key
-from consumer.wire import HEADER_DUE_AT
+from consumer.wire import HEADER_DUE_AT, amqp_shortstr
 
 
 class Unroutable(Exception):
@@ -60,15 +60,18 @@ class Publisher:
         """Publish persistently and wait for the broker's confirm.
 
         Raises on a nack, on an unroutable mandatory message, or on a
-        connection problem; the caller decides whether to try again.
+        connection problem; the caller decides whether to try again. A
+        ``message_id`` or ``content_type`` that cannot be an AMQP short string
+        (over 255 bytes) is left out rather than making the publish fail for
+        good.
         """
         target = await self._exchange(exchange)
         message = aio_pika.Message(
             body,
             headers=dict(headers or {}),
-            content_type=content_type,
+            content_type=amqp_shortstr(content_type),
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-            message_id=message_id,
+            message_id=amqp_shortstr(message_id),
             timestamp=datetime.now(UTC),
         )
         result = await target.publish(

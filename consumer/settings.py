@@ -23,6 +23,13 @@ T = TypeVar("T")
 
 _PREFIX_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,100}$")
 
+# The largest send request accepted, in bytes: far above any text message
+# (Twilio takes 1,600 characters, WhatsApp 4,096) and room for an http
+# channel's JSON document; stored whole in PostgreSQL with every message.
+DEFAULT_MAX_BODY_BYTES = 256 * 1024
+# RabbitMQ 4's default largest message.
+MAX_BODY_BYTES_LIMIT = 16 * 1024 * 1024
+
 
 def _url(*schemes: str) -> Callable[[str], str]:
     def parse(raw: str) -> str:
@@ -155,6 +162,8 @@ class Settings:
     retry_mode: str = _env("HERALD_RETRY_MODE", _choice("auto", "manual"), "auto")
     retry_jitter: float = _env("HERALD_RETRY_JITTER", _float(0, 1), 0.1)
     delivery_limit: int = _env("HERALD_DELIVERY_LIMIT", _int(1, 1000), 20)
+    max_body_bytes: int = _env("HERALD_MAX_BODY_BYTES", _int(1024, MAX_BODY_BYTES_LIMIT),
+                               DEFAULT_MAX_BODY_BYTES)
     pause_base_s: float = _env("HERALD_PAUSE_BASE_S", _float(0.1, 3600), 5.0)
     # The http channel: networks it may reach although not public (none by
     # default), and the secrets it signs its POSTs with (newest first).

@@ -67,6 +67,11 @@ SECTIONS: list[tuple[str, list[tuple[str, str]]]] = [
          "dead-letters it to the parking queue: the guard against a message that crashes "
          "every consumer. Part of the queues' arguments: changing it needs the send queues "
          "declared again."),
+        ("HERALD_MAX_BODY_BYTES", "Largest send request accepted, in bytes (the message "
+         "as published). A larger one is parked as `invalid_payload` without being parsed; "
+         "the parking queue keeps all of it, the parking lot's index in PostgreSQL keeps "
+         "this many bytes of it. Requests are stored whole with their message, so this "
+         "also bounds a row."),
     ]),
     ("Flow control", [
         ("HERALD_HTTP_RATE", "Sends per second allowed on the `http` channel, per process "

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import time
 import uuid
 from collections.abc import Sequence
@@ -23,6 +24,7 @@ import asyncpg
 from consumer.delivery.backoff import RetryPolicy
 from consumer.group_commit import Batcher
 from consumer.settings import Settings
+from consumer.text import storable
 
 ClaimOutcome = Literal["claimed", "reclaimed", "held", "duplicate", "stale"]
 RecordOutcome = Literal["sent", "retrying", "failed", "paused"]
@@ -31,9 +33,16 @@ RecordOutcome = Literal["sent", "retrying", "failed", "paused"]
 # "this statement is wrong": connection exceptions, insufficient resources,
 # operator intervention (shutdown, restart), transaction rollback.
 _TRANSIENT_SQLSTATE_CLASSES = ("08", "53", "57", "40")
+# SQLSTATE classes that mean "this value cannot be stored": data exceptions
+# (NUL in text, an unsupported Unicode escape in jsonb, a number out of range),
+# integrity constraints, program limits (an index row too large, JSON nested
+# past the stack).
+_DATA_SQLSTATE_CLASSES = ("22", "23", "54")
 
 
 def is_transient_db_error(exc: BaseException) -> bool:
+    """Whether ``exc`` means the database is not there right now (retry later),
+    rather than that this statement or its data is wrong."""
     # InternalClientError: asyncpg's protocol state was broken by a connection
     # that died mid-operation (seen when PostgreSQL restarts).
     if isinstance(exc, OSError | asyncpg.InterfaceError | asyncpg.InternalClientError
@@ -45,12 +54,40 @@ def is_transient_db_error(exc: BaseException) -> bool:
     return False
 
 
+def is_data_error(exc: BaseException) -> bool:
+    """Whether ``exc`` was caused by the data written, not by the database.
+
+    PostgreSQL's data, integrity and program-limit classes; asyncpg's own
+    refusal to encode an argument (an int past int4, a lone surrogate) is
+    reported in class 22 too. A ``ValueError``/``TypeError``/``OverflowError``
+    raised while the statement's input was being built (``json.dumps``, a
+    timestamp out of range) is the data's fault as well. Such an error is the
+    same however often the write is tried again.
+    """
+    if isinstance(exc, asyncpg.PostgresError):
+        state = getattr(exc, "sqlstate", None) or ""
+        return state[:2] in _DATA_SQLSTATE_CLASSES
+    if isinstance(exc, asyncpg.InterfaceError | asyncpg.InternalClientError):
+        return False
+    return isinstance(exc, ValueError | TypeError | OverflowError)
+
+
+def _isolate(exc: BaseException) -> bool:
+    """Whether a failed group-commit batch is retried item by item: for anything
+    but an outage (an outage fails every item alike, and each caller waits it out)."""
+    return not is_transient_db_error(exc)
+
+
 @dataclass(frozen=True)
 class Claim:
     outcome: ClaimOutcome
     status: str
     attempts: int
     claimed_until: datetime | None
+    # The attempts used before the message's last fresh budget, as PostgreSQL
+    # grants it (a copy's own x-herald-attempt-base counts only when a replay
+    # recorded it; see sql/0011).
+    attempt_base: int = 0
 
 
 @dataclass(frozen=True)
@@ -96,10 +133,12 @@ class Store:
 
     def __init__(self, pool: asyncpg.Pool, *, max_batch: int = 200) -> None:
         self.pool = pool
+        # A batch that fails for a reason other than an outage is retried item by
+        # item, so one message's unstorable data fails that message alone.
         self._claims: Batcher[dict[str, Any], Claim] = Batcher(
-            self._claim_many, max_batch=max_batch, name="claims")
+            self._claim_many, max_batch=max_batch, name="claims", isolate=_isolate)
         self._records: Batcher[dict[str, Any], str] = Batcher(
-            self._record_many, max_batch=max_batch, name="records")
+            self._record_many, max_batch=max_batch, name="records", isolate=_isolate)
         self._campaigns: dict[str, tuple[float, Campaign | None]] = {}
 
     async def ping(self) -> None:
@@ -150,7 +189,7 @@ class Store:
         )
         for r in rows:
             results[r["idx"]] = Claim(r["outcome"], r["status"], r["attempts"],
-                                      r["claimed_until"])
+                                      r["claimed_until"], r["attempt_base"] or 0)
         return [c if c is not None else Claim("held", "sending", 0, None) for c in results]
 
     async def record(
@@ -180,11 +219,11 @@ class Store:
         }, urgent=urgent)
 
     async def _record_many(self, items: Sequence[dict[str, Any]]) -> list[str]:
-        results: list[str] = [""] * len(items)
+        # One SQL call per round of distinct messages (two outcomes of one
+        # message in a batch are rare, and must apply in order).
+        rounds: list[list[dict[str, Any]]] = []
         remaining = list(enumerate(items))
         while remaining:
-            # One SQL call per round of distinct messages (two outcomes of one
-            # message in a batch are rare, and must apply in order).
             this_round: list[dict[str, Any]] = []
             later: list[tuple[int, dict[str, Any]]] = []
             seen: set[str] = set()
@@ -194,12 +233,23 @@ class Store:
                 else:
                     seen.add(item["message_id"])
                     this_round.append(item | {"idx": idx})
+            rounds.append(this_round)
+            remaining = later
+        results: list[str] = [""] * len(items)
+        if len(rounds) == 1:
             rows = await self.pool.fetch(
-                "SELECT * FROM herald_record_batch($1::text::jsonb)", json.dumps(this_round)
-            )
+                "SELECT * FROM herald_record_batch($1::text::jsonb)", json.dumps(rounds[0]))
             for r in rows:
                 results[r["idx"]] = str(r["status"])
-            remaining = later
+            return results
+        # Several rounds in one transaction: a batch is all or nothing, so a failed
+        # one can be written again item by item without applying any outcome twice.
+        async with self.pool.acquire() as conn, conn.transaction():
+            for this_round in rounds:
+                rows = await conn.fetch(
+                    "SELECT * FROM herald_record_batch($1::text::jsonb)", json.dumps(this_round))
+                for r in rows:
+                    results[r["idx"]] = str(r["status"])
         return results
 
     async def close(self) -> None:
@@ -249,17 +299,28 @@ class Store:
         self, *, parked_id: uuid.UUID, message_id: str | None, channel: str,
         recipient: str | None, campaign_id: str | None, attempts: int, error_type: str,
         error_code: str | None, last_error: str, parked_at: datetime, body: bytes,
-        headers: dict[str, Any],
+        headers: dict[str, Any], body_limit: int | None = None,
     ) -> None:
-        """Index a parked copy (already confirmed by the broker) for operators."""
+        """Index a parked copy (already confirmed by the broker) for operators.
+
+        Everything here may come from a publisher, so it is made storable
+        first (:func:`parked_row`): the parked copy in the queue keeps the
+        original bytes, the index keeps what PostgreSQL can hold.
+        """
+        row = parked_row(
+            message_id=message_id, channel=channel, recipient=recipient,
+            campaign_id=campaign_id, attempts=attempts, error_type=error_type,
+            error_code=error_code, last_error=last_error, body=body, headers=headers,
+            body_limit=body_limit)
         await self.pool.execute(
             """INSERT INTO parked_messages (parked_id, message_id, channel, recipient,
                    campaign_id, attempts, error_type, error_code, last_error, parked_at,
-                   body, headers)
-               VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
+                   body, headers, body_size)
+               VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
                ON CONFLICT (parked_id) DO NOTHING""",
-            parked_id, message_id, channel, recipient, campaign_id, attempts, error_type,
-            error_code, last_error[:2000], parked_at, body, headers,
+            parked_id, row["message_id"], row["channel"], row["recipient"],
+            row["campaign_id"], row["attempts"], row["error_type"], row["error_code"],
+            row["last_error"], parked_at, row["body"], row["headers"], row["body_size"],
         )
 
     async def take_quota(self, campaign_id: str, message_id: str, day: date, *, first: bool,
@@ -287,6 +348,70 @@ class Store:
             self._campaigns.clear()
         self._campaigns[campaign_id] = (now, found)
         return found
+
+
+# What the parking lot's index keeps of a parked copy's body when no limit is
+# given (HERALD_MAX_BODY_BYTES's default): the queue keeps the whole of it.
+STORED_BODY_LIMIT = 256 * 1024
+# Limits of the index's text columns: ids as SendRequest allows them, a
+# recipient as long as a btree index row may hold.
+_ID_LIMIT = 200
+_RECIPIENT_LIMIT = 2048
+_ERROR_LIMIT = 2000
+_HEADER_TEXT_LIMIT = 1000
+
+
+def parked_row(
+    *, message_id: str | None, channel: str, recipient: str | None, campaign_id: str | None,
+    attempts: int, error_type: str, error_code: str | None, last_error: str, body: bytes,
+    headers: dict[str, Any], body_limit: int | None = None,
+) -> dict[str, Any]:
+    """The columns of a ``parked_messages`` row, made storable.
+
+    Text loses NUL and lone surrogates and is capped (PostgreSQL's ``text``
+    and ``jsonb`` refuse the former; btree index rows are at most ~2.7 kB);
+    a body longer than ``body_limit`` is cut, with its whole size in
+    ``body_size`` (the copy in the parking queue keeps every byte); header
+    values other than text and numbers are left out; ``attempts`` is kept in
+    int4's range.
+    """
+    limit = STORED_BODY_LIMIT if body_limit is None else body_limit
+
+    def text(value: str | None, cap: int) -> str | None:
+        return None if value is None else storable(str(value), cap)
+
+    def cap_utf8(value: str | None, cap_bytes: int) -> str | None:
+        if value is None:
+            return None
+        clean = storable(value)
+        encoded = clean.encode("utf-8")
+        if len(encoded) <= cap_bytes:
+            return clean
+        return encoded[: cap_bytes - 3].decode("utf-8", "ignore") + "…"
+
+    kept: dict[str, Any] = {}
+    for key, value in headers.items():
+        if isinstance(value, bool) or not isinstance(value, str | int | float):
+            continue
+        if isinstance(value, int) and not -(2**63) <= value < 2**63:
+            continue
+        if isinstance(value, float) and not math.isfinite(value):
+            continue
+        kept[storable(str(key), 255)] = (storable(value, _HEADER_TEXT_LIMIT)
+                                         if isinstance(value, str) else value)
+    return {
+        "message_id": text(message_id, _ID_LIMIT) or None,
+        "channel": storable(channel, 100),
+        "recipient": cap_utf8(recipient, _RECIPIENT_LIMIT),
+        "campaign_id": text(campaign_id, _ID_LIMIT),
+        "attempts": min(max(int(attempts), 0), 2**31 - 1),
+        "error_type": storable(error_type, 100),
+        "error_code": text(error_code, 100),
+        "last_error": storable(last_error, _ERROR_LIMIT),
+        "body": body[:limit],
+        "body_size": len(body) if len(body) > limit else None,
+        "headers": kept,
+    }
 
 
 def resolve_policy(

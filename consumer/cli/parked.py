@@ -181,6 +181,9 @@ async def _show(args: argparse.Namespace, settings: Settings, pool: asyncpg.Pool
     for key, value in sorted(found["headers"].items()):
         print(f"  {printable(str(key))}: {printable(str(value))}")
     print("body" + ("" if args.reveal else " (recipients masked; --reveal shows them)") + ":")
+    if found["parked"].get("body_size"):
+        print(f"  (the first bytes of {found['parked']['body_size']}; the parking queue holds"
+              " all of them)")
     print(_indent(found["body"]))
     if found["edited_body"] is not None:
         print("edited body (replayed instead):")

@@ -51,6 +51,8 @@ def _jsonl(lines: Iterable[str], source: str) -> Iterator[tuple[int, dict[str, A
                 yield number, json.loads(line)
             except ValueError as exc:
                 raise ConfigError(f"{source}:{number}: not JSON: {exc}") from None
+            except RecursionError:
+                raise ConfigError(f"{source}:{number}: nested too deep") from None
 
 
 def _requests_from_args(args: argparse.Namespace) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -86,7 +88,7 @@ def _requests_from_args(args: argparse.Namespace) -> Iterator[tuple[int, dict[st
     if args.channel == "http":
         try:
             body = json.loads(args.body)
-        except ValueError:
+        except (ValueError, RecursionError):
             body = args.body
     request: dict[str, Any] = {
         "message_id": args.message_id or str(uuid.uuid4()),
@@ -113,7 +115,8 @@ async def _publish(args: argparse.Namespace, settings: Settings) -> int:
             first = exc.errors()[0]
             where = ".".join(str(p) for p in first["loc"]) or "request"
             source = f"{args.file or args.csv}:{number}" if args.file or args.csv else "publish"
-            raise ConfigError(f"{source}: {where}: {first['msg']}") from None
+            message = str(first["msg"]).removeprefix("Value error, ")
+            raise ConfigError(f"{source}: {where}: {message}") from None
     names = Names(settings.prefix)
     connection = await aio_pika.connect_robust(settings.amqp_url)
     accepted = 0

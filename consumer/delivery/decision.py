@@ -37,7 +37,12 @@ from consumer.wire import (
     HEADER_FIRST_SEEN,
     HEADER_LAST_ERROR,
     PER_ATTEMPT,
+    encodable,
 )
+
+# What a deferred copy keeps of the last failure's headers (Herald writes at
+# most 1,000 characters of error text; more can only come from a publisher).
+LAST_ERROR_BYTES = 8 * 1024
 
 
 @dataclass(frozen=True)
@@ -119,12 +124,14 @@ def copy_headers(
 ) -> dict[str, Any]:
     """The headers of a copy of a message that is sent round again.
 
-    ``carried``: the headers of the copy in hand; the publisher's own are kept,
+    ``carried``: the headers of the copy in hand; the publisher's own are kept
+    (in a form that can be published again, see :func:`consumer.wire.encodable`),
     those about one attempt or one trip through the broker are not (they are
     set afresh here).
     """
-    headers = {k: v for k, v in (carried or {}).items()
-               if k not in PER_ATTEMPT and k not in (HEADER_ATTEMPT_BASE, HEADER_FIRST_SEEN)}
+    headers = encodable({k: v for k, v in (carried or {}).items()
+                         if k not in PER_ATTEMPT
+                         and k not in (HEADER_ATTEMPT_BASE, HEADER_FIRST_SEEN)})
     headers[HEADER_ATTEMPT] = attempt
     if base:
         headers[HEADER_ATTEMPT_BASE] = base
@@ -146,6 +153,7 @@ def deferred_headers(incoming: Mapping[str, Any], *, attempt: int, base: int,
     """
     headers = copy_headers(attempt=attempt, base=base, first_seen=first_seen,
                            carried=incoming)
-    headers |= {k: incoming[k] for k in (HEADER_ERROR_TYPE, HEADER_ERROR_CODE,
-                                          HEADER_LAST_ERROR) if k in incoming}
+    headers |= encodable({k: incoming[k] for k in (HEADER_ERROR_TYPE, HEADER_ERROR_CODE,
+                                                    HEADER_LAST_ERROR) if k in incoming},
+                         max_bytes=LAST_ERROR_BYTES)
     return headers

@@ -17,9 +17,12 @@ as stale.
 from __future__ import annotations
 
 import asyncio
+import json
+import re
+import struct
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol, TypeVar
 from zoneinfo import ZoneInfo
@@ -42,34 +45,33 @@ from consumer.delivery.decision import (
 )
 from consumer.delivery.outage import outage_key
 from consumer.delivery.recipients import validate_recipient
-from consumer.errors import DeliveryError, ErrorType
+from consumer.errors import DeliveryError, ErrorType, Unstorable
 from consumer.parking.park import park
 from consumer.providers.base import Provider
 from consumer.publisher import Publisher
-from consumer.settings import Settings
+from consumer.settings import DEFAULT_MAX_BODY_BYTES, Settings
 from consumer.store import (
     Campaign,
+    Claim,
     RecordOutcome,
     Store,
+    is_data_error,
     is_transient_db_error,
     resolve_policy,
 )
-from consumer.wire import (
-    HEADER_ATTEMPT,
-    HEADER_ATTEMPT_BASE,
-    HEADER_DUE_AT,
-    HEADER_FIRST_SEEN,
-    PER_ATTEMPT,
-)
+from consumer.text import storable
+from consumer.wire import PER_ATTEMPT, CopyHeaders, read_copy_headers
 from schemas import SendRequest
+from schemas.send_request import MAX_NESTING
 
 log = structlog.get_logger("herald.pipeline")
 
 T = TypeVar("T")
 
 
-# A message whose body is larger than this is parked without being parsed.
-MAX_BODY_BYTES = 256 * 1024
+# A message whose body is larger than this (HERALD_MAX_BODY_BYTES's default) is
+# parked without being parsed.
+MAX_BODY_BYTES = DEFAULT_MAX_BODY_BYTES
 # Extra lease beyond the send timeout, so a live consumer's claim never runs out
 # while it is still waiting for the provider.
 LEASE_MARGIN_S = 5.0
@@ -176,27 +178,46 @@ class Pipeline:
         self, message: AbstractIncomingMessage, channel: str, lane: str
     ) -> Outcome:
         headers = dict(message.headers or {})
-        if HEADER_FIRST_SEEN not in headers:
-            headers[HEADER_FIRST_SEEN] = _published_at(message)
-        attempt = _int_header(headers.get(HEADER_ATTEMPT), 1)
-        request, problem = decode_request(message.body, channel)
+        copy = read_copy_headers(headers, now=self.now().timestamp())
+        if copy.ignored:
+            log.warning("delivery.headers_ignored", headers=list(copy.ignored),
+                        note="out of range or not a number; a publisher should not set them")
+        if copy.first_seen is None:
+            copy = replace(copy, first_seen=_published_at(message))
+        request, problem = decode_request(message.body, channel,
+                                          max_bytes=self.settings.max_body_bytes)
         if request is None:
-            await self._park_invalid(message, channel, attempt, problem)
-            return Outcome("parked", None, attempt, ErrorType.INVALID_PAYLOAD)
+            await self._park_invalid(message, channel, copy.attempt, problem)
+            return Outcome("parked", None, copy.attempt, ErrorType.INVALID_PAYLOAD)
 
         with structlog.contextvars.bound_contextvars(
-            message_id=request.message_id, campaign_id=request.campaign_id, attempt=attempt
+            message_id=request.message_id, campaign_id=request.campaign_id,
+            attempt=copy.attempt
         ):
-            return await self._handle_request(message, request, headers, attempt, lane)
+            if copy.problem is not None:
+                await self._park_invalid(message, channel, copy.attempt, copy.problem,
+                                         request=request)
+                return Outcome("parked", request.message_id, copy.attempt,
+                               ErrorType.INVALID_PAYLOAD)
+            try:
+                return await self._handle_request(message, request, headers, copy, lane)
+            except Unstorable as exc:
+                # Refused before the send (nothing was sent): this message alone is
+                # parked; handing it back would only bring it round again.
+                await self._park_invalid(message, channel, copy.attempt, str(exc),
+                                         request=request)
+                return Outcome("parked", request.message_id, copy.attempt,
+                               ErrorType.INVALID_PAYLOAD)
 
     async def _handle_request(
         self,
         message: AbstractIncomingMessage,
         request: SendRequest,
         headers: dict[str, Any],
-        attempt: int,
+        copy: CopyHeaders,
         arrived_on: str,
     ) -> Outcome:
+        attempt = copy.attempt
         channel = request.channel
         now = self.now()
 
@@ -215,43 +236,65 @@ class Pipeline:
 
         campaign = await self._campaign(request)
         lane = lane_of(request, campaign)
-        due_at = _due_at(headers, request, attempt)
+        due_at = _due_at(copy, request)
         if due_at is not None and (due_at - now).total_seconds() >= 1:
-            return await self._defer(message, request, headers, attempt, due_at, "send_at",
-                                     lane)
+            return await self._defer(message, request, headers, copy, due_at, "send_at", lane)
         if lane != arrived_on:
             # Campaign traffic published on the transactional key moves to its lane.
-            return await self._divert(message, request, headers, attempt, lane)
+            return await self._divert(message, request, headers, copy, lane)
 
         policy = self._resolve(request, campaign)
-        base = _int_header(headers.get(HEADER_ATTEMPT_BASE), 0, minimum=0)
         # A first attempt counts from the last fresh budget (only those feed outage
         # detection and take a campaign's first-attempt quota).
-        first = attempt - base <= 1
+        first = used_first(copy)
         if campaign is not None:
             window = quota.zone(campaign.timezone)
             quiet_end = quota.quiet_until(now, window, campaign.quiet_start, campaign.quiet_end)
             if quiet_end is not None:
-                return await self._defer(message, request, headers, attempt, quiet_end,
+                return await self._defer(message, request, headers, copy, quiet_end,
                                          "quiet_hours", lane)
         domain = self.hooks.domain_of(channel, request) if self.hooks else channel
         if self.hooks is not None:
             wait = self.hooks.admit(channel, domain, first=first)
             if wait is not None:
-                return await self._defer(message, request, headers, attempt,
+                return await self._defer(message, request, headers, copy,
                                          now + timedelta(seconds=wait), "domain_open", lane)
         if campaign is not None and campaign.daily_limit is not None and not await self._take_quota(
                 campaign, request.message_id, quota.zone(campaign.timezone), now, first=first):
             tomorrow = quota.next_day_start(now, quota.zone(campaign.timezone))
-            return await self._defer(message, request, headers, attempt, tomorrow,
+            return await self._defer(message, request, headers, copy, tomorrow,
                                      "daily_limit", lane)
         if self.hooks is not None:
             await self.hooks.acquire(channel, domain, lane)
-        claim = await self._claim(request, message.body, attempt, base, urgent=lane == "main")
+        claim = await self._claim(request, message.body, attempt, copy.base,
+                                  urgent=lane == "main")
         if claim is None:
             metrics.DUPLICATES.labels(channel).inc()
             return Outcome("duplicate", request.message_id, attempt)
+        try:
+            return await self._send_and_settle(message, request, headers, copy, claim,
+                                               policy, domain, first, lane)
+        except Unstorable as exc:
+            # Every step after the send deals with a refusal itself; one that got
+            # here must not be taken for a refusal before the send (that parks).
+            raise RuntimeError(f"refusal after the send left unhandled: {exc}") from exc
 
+    async def _send_and_settle(
+        self,
+        message: AbstractIncomingMessage,
+        request: SendRequest,
+        headers: dict[str, Any],
+        copy: CopyHeaders,
+        claim: Claim,
+        policy: RetryPolicy,
+        domain: str,
+        first: bool,
+        lane: str,
+    ) -> Outcome:
+        """Send the claimed attempt, then record, retry or park it."""
+        channel, attempt = request.channel, copy.attempt
+        # The budget counts from the base PostgreSQL granted, not from the header.
+        base = claim.attempt_base
         provider = self.providers[channel]
         started = self.now()
         t0 = time.perf_counter()
@@ -286,20 +329,17 @@ class Pipeline:
                                    provider.name, lane)
 
         if error is None:
-            await self._infra(
-                "database",
-                lambda: self.store.record(
-                    message_id=request.message_id, attempt=attempt, outcome="sent",
-                    started_at=started, latency_ms=attempt_made.latency_ms,
-                    provider=provider.name, provider_message_id=provider_message_id,
-                    urgent=lane == "main",
-                ),
+            await self._record(
+                message_id=request.message_id, attempt=attempt, outcome="sent",
+                started_at=started, latency_ms=attempt_made.latency_ms,
+                provider=provider.name, provider_message_id=provider_message_id,
+                urgent=lane == "main",
             )
             metrics.SENT.labels(channel).inc()
             metrics.ATTEMPTS.labels(channel, provider.name, "sent", "").inc()
-            first_seen = _float_header(headers.get(HEADER_FIRST_SEEN))
-            if first_seen is not None:
-                metrics.END_TO_END.labels(channel).observe(max(0.0, time.time() - first_seen))
+            if copy.first_seen is not None:
+                metrics.END_TO_END.labels(channel).observe(
+                    max(0.0, time.time() - copy.first_seen))
             if self.hooks is not None:
                 self.hooks.succeeded(channel, domain, first=first, key=outage_key(request))
             log.info("delivery.sent", provider_message_id=provider_message_id,
@@ -314,7 +354,8 @@ class Pipeline:
         decision = decide(error, attempt=attempt, base=base, policy=policy, pause_s=pause_s)
         if isinstance(decision, Park):
             return await self._park(message, request, error, attempt_made)
-        return await self._send_again(message, request, headers, error, decision, attempt_made)
+        return await self._send_again(message, request, headers, copy, error, decision,
+                                      attempt_made)
 
     async def _campaign(self, request: SendRequest) -> Campaign | None:
         if request.campaign_id is None:
@@ -353,27 +394,26 @@ class Pipeline:
         message: AbstractIncomingMessage,
         request: SendRequest,
         headers: dict[str, Any],
-        attempt: int,
+        copy: CopyHeaders,
         lane: str,
     ) -> Outcome:
-        forwarded = deferred_headers(
-            headers, attempt=attempt, base=_int_header(headers.get(HEADER_ATTEMPT_BASE), 0,
-                                                       minimum=0),
-            first_seen=_float_header(headers.get(HEADER_FIRST_SEEN)))
+        forwarded = deferred_headers(headers, attempt=copy.attempt, base=copy.base,
+                                     first_seen=copy.first_seen)
         await self._infra(
             "broker",
             lambda: self.publisher.publish_send(
                 request.channel, message.body, headers=forwarded,
                 message_id=request.message_id, lane=lane,
             ),
+            before_send=True,
         )
         metrics.DEFERRED.labels(request.channel, f"lane_{lane}").inc()
-        return Outcome("diverted", request.message_id, attempt)
+        return Outcome("diverted", request.message_id, copy.attempt)
 
     async def _claim(
         self, request: SendRequest, body: bytes, attempt: int, base: int, *, urgent: bool
-    ) -> bool | None:
-        """Claim the attempt; True to send, None when this copy must not be sent."""
+    ) -> Claim | None:
+        """Claim the attempt; the claim to send it, None when this copy must not be sent."""
         while True:
             claim = await self._infra(
                 "database",
@@ -386,19 +426,19 @@ class Pipeline:
                 before_send=True,
             )
             if claim.outcome == "claimed":
-                return True
+                return claim
             if claim.outcome == "reclaimed":
                 metrics.RESENT_AFTER_CRASH.labels(request.channel).inc()
                 log.warning("delivery.resend_after_crash",
                             note="the earlier consumer died mid-attempt; the provider may"
                                  " have accepted it")
-                return True
+                return claim
             if claim.outcome in ("duplicate", "stale"):
                 log.info("delivery.duplicate_suppressed", status=claim.status,
                          recorded_attempts=claim.attempts)
                 return None
             # held: another consumer (or another copy here) holds a live lease on this
-            # attempt. Wait for its outcome or for the lease to run out, then ask again.
+            # message. Wait for its outcome or for the lease to run out, then ask again.
             wait = 0.2
             if claim.claimed_until is not None:
                 wait = (claim.claimed_until - self.now()).total_seconds()
@@ -410,6 +450,7 @@ class Pipeline:
         message: AbstractIncomingMessage,
         request: SendRequest,
         incoming: dict[str, Any],
+        copy: CopyHeaders,
         error: DeliveryError,
         decision: Retry | Pause,
         made: AttemptMade,
@@ -418,28 +459,33 @@ class Pipeline:
 
         A :class:`Retry` charges the attempt (the copy is the next one); a
         :class:`Pause` does not (provider-wide error or open failure domain:
-        the copy has the same attempt number).
+        the copy has the same attempt number). A copy the broker refuses to
+        carry (it cannot be encoded) cannot be sent again: the message is
+        parked instead, with both reasons.
         """
         headers = copy_headers(attempt=decision.attempt, base=made.base,
-                               first_seen=_float_header(incoming.get(HEADER_FIRST_SEEN)),
-                               error=error, carried=incoming)
-        await self._infra(
-            "broker",
-            lambda: self.publisher.publish_delayed(
-                request.channel, message.body, decision.delay_s, headers=headers,
-                message_id=request.message_id, lane=made.lane,
-            ),
-        )
+                               first_seen=copy.first_seen, error=error, carried=incoming)
+        try:
+            await self._infra(
+                "broker",
+                lambda: self.publisher.publish_delayed(
+                    request.channel, message.body, decision.delay_s, headers=headers,
+                    message_id=request.message_id, lane=made.lane,
+                ),
+            )
+        except Unstorable as exc:
+            log.error("delivery.copy_refused", error=exc.reason)
+            error = DeliveryError(error.error_type, f"{error.message} (and the copy for"
+                                  f" another attempt was refused: {exc.reason})",
+                                  code=error.code, retryable=False)
+            return await self._park(message, request, error, made)
         outcome: RecordOutcome = "retrying" if isinstance(decision, Retry) else "paused"
-        await self._infra(
-            "database",
-            lambda: self.store.record(
-                message_id=request.message_id, attempt=made.attempt, outcome=outcome,
-                started_at=made.started, latency_ms=made.latency_ms, provider=made.provider,
-                error_type=error.error_type.value, error_code=error.code,
-                error_text=error.message,
-                next_attempt_at=self.now() + timedelta(seconds=decision.delay_s),
-            ),
+        await self._record(
+            message_id=request.message_id, attempt=made.attempt, outcome=outcome,
+            started_at=made.started, latency_ms=made.latency_ms, provider=made.provider,
+            error_type=error.error_type.value, error_code=error.code,
+            error_text=error.message,
+            next_attempt_at=self.now() + timedelta(seconds=decision.delay_s),
         )
         if isinstance(decision, Retry):
             metrics.RETRIED.labels(request.channel, error.error_type.value).inc()
@@ -468,26 +514,61 @@ class Pipeline:
             content_type=message.content_type, recipient=request.to,
             campaign_id=request.campaign_id,
         )
-        await self._infra(
-            "database",
-            lambda: self.store.record(
-                message_id=request.message_id, attempt=made.attempt, outcome="failed",
-                started_at=made.started, latency_ms=made.latency_ms, provider=made.provider,
-                error_type=error.error_type.value, error_code=error.code,
-                error_text=error.message,
-            ),
+        await self._record(
+            message_id=request.message_id, attempt=made.attempt, outcome="failed",
+            started_at=made.started, latency_ms=made.latency_ms, provider=made.provider,
+            error_type=error.error_type.value, error_code=error.code,
+            error_text=error.message,
         )
         log.warning("delivery.parked", error_type=error.error_type.value,
                     error_code=error.code, error=error.message[:200])
         return Outcome("parked", request.message_id, made.attempt, error.error_type.value)
 
+    async def _record(self, **fields: Any) -> None:
+        """Record an attempt's outcome, after the send.
+
+        The send happened, so the outcome must be recorded, and handing the
+        message back would send it again. An outage is waited out. A record
+        the database refuses for its content (whatever the provider answered)
+        is written again without any text from outside: ids, error code and
+        text left out, the error type and a note kept. That one cannot be
+        refused for its content (every value left is Herald's own or was
+        validated at the edge); should it be all the same, the refusal is
+        logged and the message acked, never retried for ever.
+        """
+        try:
+            await self._infra("database", lambda: self.store.record(**fields))
+            return
+        except Unstorable as exc:
+            metrics.RECORDS_REFUSED.labels(fields["outcome"]).inc()
+            log.error("delivery.record_refused", outcome=fields["outcome"], error=exc.reason,
+                      note="recording the outcome without the provider's texts")
+            reason = exc.reason
+        kept = ("message_id", "attempt", "outcome", "started_at", "provider", "error_type",
+                "next_attempt_at", "urgent")
+        plain: dict[str, Any] = {k: fields[k] for k in kept if k in fields}
+        plain["latency_ms"] = None
+        plain["error_text"] = storable(
+            f"(the outcome's own texts could not be stored: {reason})", 500)
+        try:
+            await self._infra("database", lambda: self.store.record(**plain))
+        except Unstorable as exc:
+            log.error("delivery.record_lost", outcome=fields["outcome"], error=exc.reason,
+                      note="the outcome could not be recorded in any form")
+
     async def _park_invalid(
-        self, message: AbstractIncomingMessage, channel: str, attempt: int, problem: str
+        self, message: AbstractIncomingMessage, channel: str, attempt: int, problem: str,
+        *, request: SendRequest | None = None,
     ) -> None:
+        """Park a message that cannot be sent as it is (its original bytes, byte for
+        byte, in the parking queue), with ``problem`` as the reason."""
         error = DeliveryError(ErrorType.INVALID_PAYLOAD, problem, retryable=False)
         await self._publish_parked(
-            message.body, channel, message.message_id, attempt, error,
-            content_type=message.content_type, recipient=None, campaign_id=None,
+            message.body, channel,
+            request.message_id if request is not None else message.message_id, attempt, error,
+            content_type=message.content_type,
+            recipient=request.to if request is not None else None,
+            campaign_id=request.campaign_id if request is not None else None,
         )
         log.warning("delivery.parked", error_type=ErrorType.INVALID_PAYLOAD.value,
                     error=problem[:200], bytes=len(message.body))
@@ -504,41 +585,56 @@ class Pipeline:
         recipient: str | None,
         campaign_id: str | None,
     ) -> None:
-        """Park the original bytes with the reason (see :mod:`consumer.parking.park`)."""
-        await park(
-            self.publisher, self.store, body=body, channel=channel, message_id=message_id,
-            attempt=attempt, error=error, recipient=recipient, campaign_id=campaign_id,
-            parked_at=self.now(), content_type=content_type, run=self._infra,
-        )
+        """Park the original bytes with the reason (see :mod:`consumer.parking.park`).
+
+        The parked copy carries only Herald's headers and the publisher's
+        content type; should the broker refuse even that copy, it is parked
+        again without the content type (nothing else of the publisher's is
+        on it), rather than looping.
+        """
+        try:
+            await park(
+                self.publisher, self.store, body=body, channel=channel, message_id=message_id,
+                attempt=attempt, error=error, recipient=recipient, campaign_id=campaign_id,
+                parked_at=self.now(), content_type=content_type, run=self._infra,
+                body_limit=self.settings.max_body_bytes,
+            )
+        except Unstorable as exc:
+            if content_type is None:
+                raise
+            log.error("delivery.parked_copy_refused", error=exc.reason,
+                      note="parking it without the publisher's content type")
+            await self._publish_parked(body, channel, message_id, attempt, error,
+                                       content_type=None, recipient=recipient,
+                                       campaign_id=campaign_id)
 
     async def _defer(
         self,
         message: AbstractIncomingMessage,
         request: SendRequest,
         headers: dict[str, Any],
-        attempt: int,
+        copy: CopyHeaders,
         due_at: datetime,
         reason: str,
         lane: str,
     ) -> Outcome:
         """Send the message round the delay levels until ``due_at``; no attempt is used."""
         delay = defer_seconds(due_at, self.now())
-        forwarded = deferred_headers(
-            headers, attempt=attempt, base=_int_header(headers.get(HEADER_ATTEMPT_BASE), 0,
-                                                       minimum=0),
-            first_seen=_float_header(headers.get(HEADER_FIRST_SEEN)))
+        forwarded = deferred_headers(headers, attempt=copy.attempt, base=copy.base,
+                                     first_seen=copy.first_seen)
         await self._infra(
             "broker",
             lambda: self.publisher.publish_delayed(
                 request.channel, message.body, delay, headers=forwarded,
                 message_id=request.message_id, lane=lane,
             ),
+            before_send=True,
         )
         # A first attempt deferred to a time of its own (send_at, quiet hours, a daily
         # limit) is recorded as queued until then. One deferred because its domain is
         # down is not: it is simply still waiting (as in its queue), and a dead host's
         # backlog costs a publish per round, not a database write.
-        if reason != "domain_open" and used_first(headers, attempt):
+        if reason != "domain_open" and used_first(copy):
             await self._infra(
                 "database",
                 lambda: self.store.record_scheduled(
@@ -549,7 +645,7 @@ class Pipeline:
             )
         metrics.DEFERRED.labels(request.channel, reason).inc()
         log.info("delivery.deferred", reason=reason, delay_s=delay)
-        return Outcome("deferred", request.message_id, attempt)
+        return Outcome("deferred", request.message_id, copy.attempt)
 
     # -- infrastructure -------------------------------------------------------------
 
@@ -563,10 +659,14 @@ class Pipeline:
         service is back. Only stopping the service gives up, leaving the
         message for redelivery.
 
-        Before the send, an error that is not an outage (a bug, a constraint)
-        is raised: the message goes back to the broker, nothing was sent. After
-        the send, every error is retried: handing the message back would send
-        it again.
+        A refusal of the message's own data (:func:`is_refusal`: a value
+        PostgreSQL cannot store, a header the client cannot encode) is raised
+        as :class:`Unstorable`, before or after the send: trying again cannot
+        help, and the caller deals with that one message (before the send it
+        is parked; after it, see :meth:`_record`). Before the send, any other
+        error that is not an outage (a bug) is raised as it is: the message
+        goes back to the broker, nothing was sent. After the send, such an
+        error is retried: handing the message back would send it again.
         """
         delay = 0.1
         while True:
@@ -575,6 +675,8 @@ class Pipeline:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
+                if is_refusal(component, exc):
+                    raise Unstorable(component, exc) from exc
                 transient = component == "broker" or is_transient_db_error(exc)
                 if before_send and not transient:
                     raise
@@ -600,9 +702,39 @@ class Pipeline:
         raise Stopping()
 
 
-def decode_request(body: bytes, channel: str) -> tuple[SendRequest | None, str]:
-    if len(body) > MAX_BODY_BYTES:
-        return None, f"body of {len(body)} bytes exceeds the {MAX_BODY_BYTES}-byte limit"
+def is_refusal(component: str, exc: BaseException) -> bool:
+    """Whether ``exc`` refuses the data of the operation rather than reports an outage.
+
+    Database: :func:`consumer.store.is_data_error`. Broker: the client raises
+    ``TypeError``, ``ValueError``, ``OverflowError`` or ``struct.error`` while
+    it encodes a message, before anything is sent (a message-id over 255
+    bytes, a header value it has no type for); an outage raises the client's
+    own connection and channel errors, or a timeout.
+    """
+    if component == "database":
+        return is_data_error(exc)
+    return isinstance(exc, TypeError | ValueError | OverflowError | struct.error)
+
+
+# A number JSON can write and Python reads as 0.0 (an exponent of -324 or less,
+# or hundreds of zeros after the point). Only a body with such a token pays for
+# the second, exact look at its numbers.
+_TINY_NUMBER_HINT = re.compile(r"[eE]-0*[1-9][0-9]{2}|\.0{300}")
+_NONZERO_DIGIT = re.compile(r"[1-9]")
+
+
+def decode_request(
+    body: bytes, channel: str, *, max_bytes: int = MAX_BODY_BYTES
+) -> tuple[SendRequest | None, str]:
+    """Step 1 of the pipeline: the request in ``body``, or None and why not.
+
+    Never raises, whatever the bytes: a body over ``max_bytes``, not UTF-8,
+    not JSON, nested deeper than the parser goes, or refused by
+    :class:`SendRequest` (types, NUL, sizes, nesting, numbers; see
+    :mod:`schemas.send_request`) gets a one-line reason.
+    """
+    if len(body) > max_bytes:
+        return None, f"body of {len(body)} bytes exceeds the {max_bytes}-byte limit"
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -611,55 +743,81 @@ def decode_request(body: bytes, channel: str) -> tuple[SendRequest | None, str]:
         request = SendRequest.model_validate_json(text)
     except ValidationError as exc:
         return None, _describe_validation(exc)
+    except RecursionError:  # pydantic's parser has a limit of its own; never hit, but
+        return None, f"nested deeper than {MAX_NESTING} levels of arrays and objects"
     if request.channel != channel:
         return None, (
             f"channel {request.channel!r} in the body does not match the queue's channel "
             f"{channel!r}"
         )
+    if _TINY_NUMBER_HINT.search(text):
+        problem = _tiny_number(text)
+        if problem is not None:
+            return None, problem
     return request, ""
 
 
+def _tiny_number(text: str) -> str | None:
+    """Why a number in ``text`` cannot be kept (it is too small for a 64-bit float
+    and would be read as 0, while PostgreSQL refuses the smallest), or None.
+
+    Called only on a request that validated, so its depth is bounded and
+    Python's own parser is safe to run on it.
+    """
+    found: list[str] = []
+
+    def number(token: str) -> float:
+        value = float(token)
+        mantissa = re.split("[eE]", token, maxsplit=1)[0]
+        if value == 0.0 and _NONZERO_DIGIT.search(mantissa) and not found:
+            found.append(token if len(token) <= 30 else token[:27] + "...")
+        return value
+
+    try:
+        json.loads(text, parse_float=number)
+    except (ValueError, RecursionError):
+        return None
+    if found:
+        return f"the number {found[0]} is too small for a 64-bit float (it would be read as 0)"
+    return None
+
+
 def _describe_validation(exc: ValidationError) -> str:
+    errors = exc.errors(include_url=False, include_input=False)
     problems = []
-    for err in exc.errors()[:5]:
+    for err in errors[:5]:
         # An empty loc is the request as a whole; "body" would read as the field.
-        where = ".".join(str(p) for p in err["loc"]) or "request"
+        where = ".".join(str(p) for p in err["loc"][:6]) or "request"
+        if len(where) > 80:
+            where = where[:77] + "..."
+        message = str(err["msg"]).removeprefix("Value error, ")
         if err["type"] == "json_invalid":
-            problems.append(f"not JSON: {err['msg']}")
+            if "recursion limit" in message:
+                problems.append(f"nested deeper than {MAX_NESTING} levels of arrays and"
+                                f" objects ({message})")
+            else:
+                problems.append(f"not JSON: {message}")
+        elif message.startswith(where):
+            problems.append(message)
         else:
-            problems.append(f"{where}: {err['msg']}")
-    more = len(exc.errors()) - 5
-    return "; ".join(problems) + (f" (+{more} more)" if more > 0 else "")
+            problems.append(f"{where}: {message}")
+    more = len(errors) - 5
+    reason = "; ".join(problems) + (f" (+{more} more)" if more > 0 else "")
+    # The reason travels in a header and a log line, and is stored.
+    return storable(reason.replace("\n", " ").replace("\r", " "), 1000)
 
 
 def _payload(request: SendRequest) -> Any:
     return request.model_dump(mode="json")
 
 
-def _due_at(headers: Mapping[str, Any], request: SendRequest, attempt: int) -> datetime | None:
+def _due_at(copy: CopyHeaders, request: SendRequest) -> datetime | None:
     """When this copy may be sent: a long delay's due time, or send_at for a first attempt."""
-    due = headers.get(HEADER_DUE_AT)
-    if due is not None:
-        try:
-            return datetime.fromtimestamp(float(due), UTC)
-        except (TypeError, ValueError, OverflowError):
-            return None
-    if attempt == 1 and request.send_at is not None:
+    if copy.due_at is not None:
+        return datetime.fromtimestamp(copy.due_at, UTC)
+    if copy.attempt == 1 and request.send_at is not None:
         return request.send_at
     return None
-
-
-def _int_header(value: object, default: int, *, minimum: int = 1) -> int:
-    if isinstance(value, bool):
-        return default
-    if isinstance(value, int):
-        return max(minimum, value)
-    if isinstance(value, bytes | str):
-        try:
-            return max(minimum, int(value))
-        except ValueError:
-            return default
-    return default
 
 
 def lane_of(request: SendRequest, campaign: Campaign | None) -> str:
@@ -670,9 +828,9 @@ def lane_of(request: SendRequest, campaign: Campaign | None) -> str:
     return "bulk"
 
 
-def used_first(headers: Mapping[str, Any], attempt: int) -> bool:
+def used_first(copy: CopyHeaders) -> bool:
     """Whether this copy is a first attempt (counting from the last fresh budget)."""
-    return attempt - _int_header(headers.get(HEADER_ATTEMPT_BASE), 0, minimum=0) <= 1
+    return copy.attempt - copy.base <= 1
 
 
 def _published_at(message: AbstractIncomingMessage) -> float:
@@ -681,25 +839,13 @@ def _published_at(message: AbstractIncomingMessage) -> float:
     if isinstance(stamp, datetime):
         if stamp.tzinfo is None:
             stamp = stamp.replace(tzinfo=UTC)
-        return stamp.timestamp()
-    return time.time()
-
-
-def _float_header(value: object) -> float | None:
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int | float):
-        return float(value)
-    if isinstance(value, bytes | str):
         try:
-            return float(value)
-        except ValueError:
-            return None
-    return None
+            return stamp.timestamp()
+        except (OverflowError, ValueError, OSError):
+            return time.time()
+    return time.time()
 
 
 def _forwarded(incoming: Mapping[str, Any]) -> dict[str, Any]:
     """The headers a republished copy keeps (publisher's own, attempt base, first seen)."""
     return {k: v for k, v in incoming.items() if k not in PER_ATTEMPT}
-
-

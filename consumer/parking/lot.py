@@ -310,7 +310,8 @@ async def resolve_ids(pool: asyncpg.Pool, texts: Sequence[str]) -> tuple[uuid.UU
 def _body_view(body: bytes) -> Any:
     try:
         return json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        # Not JSON, or nested past Python's stack (a hostile body): shown as text.
         return body.decode("utf-8", "replace")
 
 
@@ -349,6 +350,9 @@ async def show(pool: asyncpg.Pool, parked_id: uuid.UUID, *, reveal: bool = False
     parked = ParkedRow.from_record(row).to_json(reveal=reveal) | {
         "resolved_at": row["resolved_at"].isoformat() if row["resolved_at"] else None,
         "resolution": row["resolution"], "replay_attempt": row["replay_attempt"],
+        # Set when the index keeps only the first bytes of a long body (the parking
+        # queue holds all of them): the whole body's size.
+        "body_size": row["body_size"],
     }
     return {
         "parked": parked,

@@ -32,6 +32,7 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import math
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -50,6 +51,8 @@ from asyncpg.pool import PoolConnectionProxy
 from pydantic import ValidationError
 
 from consumer.logs import mask_headers
+from consumer.store import parked_row
+from consumer.text import storable
 from consumer.topology import Names
 from consumer.wire import (
     HEADER_ATTEMPT,
@@ -183,21 +186,40 @@ def index_row(message: AbstractIncomingMessage, parked_id: uuid.UUID,
             parked_at = death["time"]
     if parked_at.tzinfo is None:
         parked_at = parked_at.replace(tzinfo=UTC)
-    return {
-        "parked_id": parked_id,
-        "message_id": (request.message_id if request else None)
+    # Whatever the copy carries may come from a publisher: made storable, the
+    # body capped (the copy stays whole in the queue).
+    headers_json = jsonable(mask_headers(headers))
+    row = parked_row(
+        message_id=(request.message_id if request else None)
         or _text(headers.get(HEADER_MESSAGE_ID)) or message.message_id,
-        "channel": channel,
-        "recipient": request.to if request else None,
-        "campaign_id": request.campaign_id if request else None,
-        "attempts": attempts if isinstance(attempts, int) and attempts > 0 else 1,
-        "error_type": error_type,
-        "error_code": error_code,
-        "last_error": last_error[:2000],
+        channel=channel,
+        recipient=request.to if request else None,
+        campaign_id=request.campaign_id if request else None,
+        attempts=attempts if isinstance(attempts, int) and attempts > 0 else 1,
+        error_type=error_type, error_code=error_code, last_error=last_error,
+        body=message.body, headers={},
+    )
+    return row | {
+        "parked_id": parked_id,
         "parked_at": parked_at,
-        "body": message.body,
-        "headers": jsonable(mask_headers(headers)),
+        "headers": _storable_json(headers_json),
     }
+
+
+def _storable_json(value: Any, depth: int = 0) -> Any:
+    """A JSON value PostgreSQL's jsonb can store: no NUL or lone surrogate in
+    strings or keys, finite numbers, bounded depth."""
+    if depth > 16:
+        return "…"
+    if isinstance(value, str):
+        return storable(value, 2000)
+    if isinstance(value, dict):
+        return {storable(str(k), 255): _storable_json(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_storable_json(v, depth + 1) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
 
 
 async def index_missing(conn: Conn, rows: list[dict[str, Any]],
@@ -209,13 +231,14 @@ async def index_missing(conn: Conn, rows: list[dict[str, Any]],
         inserted = await conn.fetchval(
             """INSERT INTO parked_messages (parked_id, message_id, channel, recipient,
                    campaign_id, attempts, error_type, error_code, last_error, parked_at,
-                   body, headers)
-               VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
+                   body, headers, body_size)
+               VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
                ON CONFLICT (parked_id) DO NOTHING
                RETURNING parked_id""",
             row["parked_id"], row["message_id"], row["channel"], row["recipient"],
             row["campaign_id"], row["attempts"], row["error_type"], row["error_code"],
             row["last_error"], row["parked_at"], row["body"], row["headers"],
+            row.get("body_size"),
         )
         if inserted is not None:
             added += 1

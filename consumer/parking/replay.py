@@ -157,7 +157,8 @@ def edited_body(edit: Edit, original: bytes, channel: str) -> bytes:
         return SendRequest.model_validate(fields).model_dump_json(exclude_none=True).encode()
     except ValidationError as exc:
         first = exc.errors()[0]
-        raise LotError(f"--set-body: {first['msg']}") from None
+        raise LotError(f"--set-body: {str(first['msg']).removeprefix('Value error, ')}"
+                       ) from None
 
 
 class _Pacer:

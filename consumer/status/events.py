@@ -615,6 +615,7 @@ class EventsConsumer:
             message_id=action["message_id"], attempt=action["attempt"], error=error,
             recipient=action["recipient"], campaign_id=action["campaign_id"],
             parked_at=datetime.now(UTC), parked_id=action["parked_id"],
+            body_limit=self.settings.max_body_bytes,
         )
         log.warning("delivery.parked", message_id=action["message_id"],
                     channel=action["channel"], error_type=error.error_type.value,

@@ -169,3 +169,18 @@ def test_publish_file_with_a_line_that_is_not_json(tmp_path: Path) -> None:
     result = herald("publish", "--file", str(path))
     assert result.returncode == 2, result
     assert one_line(result.stderr).startswith(f"herald: {path}:1: not JSON: ")
+
+
+@pytest.mark.parametrize(("line", "says"), [
+    ("[" * 100_000 + "]" * 100_000, "nested too deep"),
+    (json.dumps({"message_id": "a", "channel": "http", "to": "https://example.com/",
+                 "body": {"k": "v\x00"}}), "body: body.k contains NUL"),
+    (json.dumps({"message_id": "é" * 128, "channel": "sms", "to": "+15551234567",
+                 "body": "hi"}), "message_id: is 256 bytes in UTF-8"),
+])
+def test_publish_file_with_a_hostile_line(tmp_path: Path, line: str, says: str) -> None:
+    path = tmp_path / "hostile.jsonl"
+    path.write_text(line + "\n", encoding="utf-8")
+    result = herald("publish", "--file", str(path))
+    assert result.returncode == 2, result
+    assert one_line(result.stderr).startswith(f"herald: {path}:1: {says}")

@@ -1,14 +1,13 @@
-"""The pipeline's pure helpers: ``decode_request`` (step 1 of DESIGN.md §5) and ``_int_header``."""
+"""The pipeline's decoder: ``decode_request`` (step 1 of DESIGN.md §5)."""
 
 from __future__ import annotations
 
 import json
-from decimal import Decimal
 from typing import Any
 
 import pytest
 
-from consumer.delivery.pipeline import MAX_BODY_BYTES, _int_header, decode_request
+from consumer.delivery.pipeline import MAX_BODY_BYTES, decode_request
 
 PHONE = "+15551234567"
 
@@ -131,44 +130,136 @@ def test_channel_that_does_not_match_the_queue(in_body: str, queue: str) -> None
     )
 
 
-# -- _int_header ---------------------------------------------------------------------
+# -- what PostgreSQL and AMQP cannot carry -----------------------------------------------
 
 
-@pytest.mark.parametrize(
-    ("value", "expected"),
-    [
-        (None, 1),
-        (3, 3),
-        (1, 1),
-        (0, 1),
-        (-4, 1),
-        ("7", 7),
-        (" 8 ", 8),
-        (b"9", 9),
-        ("0", 1),
-        ("-2", 1),
-        ("", 1),
-        ("abc", 1),
-        ("2.5", 1),
-        (b"\xff", 1),
-        (True, 1),
-        (False, 1),
-        (2.0, 1),
-        (Decimal(3), 1),
-        (["3"], 1),
-        ("9" * 5000, 1),  # beyond int()'s digit limit: a ValueError, not a crash
-    ],
-)
-def test_int_header(value: object, expected: int) -> None:
-    assert _int_header(value, 1) == expected
+@pytest.mark.parametrize(("field", "value"), [
+    ("message_id", "m-\x00"),
+    ("to", "+1555\x00"),
+    ("campaign_id", "c\x00"),
+    ("body", "hi\x00"),
+])
+def test_nul_in_a_field_is_refused(field: str, value: str) -> None:
+    reason = rejected(body(**{field: value}))
+    assert reason.startswith(f"{field}")
+    assert "NUL" in reason
 
 
-def test_int_header_uses_the_given_default() -> None:
-    assert _int_header(None, 5) == 5
-    assert _int_header("junk", 5) == 5
-    assert _int_header(True, 5) == 5
-    assert _int_header(12, 5) == 12
+@pytest.mark.parametrize("raw", [
+    body(channel="http", to="https://example.com/", body={"a": {"b": ["x\x00"]}}),
+    body(channel="http", to="https://example.com/", body={"a\x00": 1}),
+    body(metadata={"k": "v\x00"}),
+    body(metadata={"\x00": "v"}),
+    body(metadata={"deep": [[[{"k\x00": 1}]]]}),
+])
+def test_nul_inside_body_and_metadata_is_refused(raw: bytes) -> None:
+    channel = json.loads(raw)["channel"]
+    reason = rejected(raw, channel)
+    assert "NUL" in reason
+    assert "\x00" not in reason
 
 
-def test_int_header_never_goes_below_one() -> None:
-    assert all(_int_header(v, 1) >= 1 for v in (-(10**9), 0, "-1", b"-7"))
+def test_where_the_nul_is_is_named() -> None:
+    raw = body(channel="http", to="https://example.com/", body={"a": {"b": ["ok", "x\x00"]}})
+    assert rejected(raw, "http") == (
+        "body.a.b[1] contains NUL (\\u0000), which PostgreSQL cannot store")
+
+
+def test_an_odd_key_is_shown_escaped() -> None:
+    raw = body(metadata={"line\nbreak\x1b[31m": "\x00"})
+    reason = rejected(raw)
+    assert "\x1b" not in reason and "\n" not in reason
+    assert 'metadata["line\\nbreak\\u001b[31m"]' in reason
+
+
+def test_message_id_of_200_characters_but_over_255_bytes() -> None:
+    assert decode_request(body(message_id="é" * 127), "sms")[0] is not None  # 254 bytes
+    reason = rejected(body(message_id="é" * 128))  # 128 characters, 256 bytes
+    assert reason == ("message_id: is 256 bytes in UTF-8; at most 255 (it is the AMQP"
+                      " message-id)")
+    assert rejected(body(message_id="😀" * 64)).startswith("message_id: is 256 bytes")
+
+
+def test_message_id_over_200_characters() -> None:
+    assert rejected(body(message_id="m" * 201)).startswith("message_id: String should have")
+
+
+def test_recipient_over_2048_bytes() -> None:
+    to = "https://example.com/" + "é" * 1020
+    reason = rejected(body(channel="http", to=to), "http")
+    assert reason.startswith("to: is 2060 bytes in UTF-8; at most 2048")
+
+
+@pytest.mark.parametrize("field", ["body", "metadata"])
+def test_nesting_up_to_the_limit_is_accepted(field: str) -> None:
+    value: Any = "leaf"
+    for _ in range(32):
+        value = {"k": value}
+    raw = body(channel="http", to="https://example.com/", **{field: value})
+    assert decode_request(raw, "http")[0] is not None
+
+
+@pytest.mark.parametrize("field", ["body", "metadata"])
+def test_nesting_past_the_limit_is_refused(field: str) -> None:
+    value: Any = "leaf"
+    for _ in range(33):
+        value = [value]
+    if field == "metadata":
+        value = {"k": value[0]}
+    raw = body(channel="http", to="https://example.com/", **{field: value})
+    reason = rejected(raw, "http")
+    assert "nested deeper than 32 levels" in reason
+    assert reason.startswith(field)
+
+
+@pytest.mark.parametrize("depth", [300, 100_000])
+def test_very_deep_nesting_never_raises(depth: int) -> None:
+    for where in ("body", "metadata"):
+        inner = "[" * depth + "]" * depth
+        value = inner if where == "body" else '{"k": ' + inner + "}"
+        raw = ('{"message_id": "m", "channel": "http", "to": "https://example.com/",'
+               f' "body": 1, "{where}": {value}}}').encode()
+        if where == "body":
+            raw = raw.replace(b'"body": 1, ', b"")
+        reason = rejected(raw, "http")
+        assert "nested deeper than 32 levels" in reason
+
+
+@pytest.mark.parametrize("number", ["NaN", "Infinity", "-Infinity", "1e400", "-2e308",
+                                    "9" * 400])
+def test_numbers_a_float_cannot_hold_are_refused(number: str) -> None:
+    raw = ('{"message_id": "m", "channel": "http", "to": "https://example.com/",'
+           f' "body": {{"n": {number}}}}}').encode()
+    reason = rejected(raw, "http")
+    assert reason.startswith("body.n ") or reason.startswith("body: body.n")
+    assert "64-bit float" in reason or "finite" in reason
+
+
+@pytest.mark.parametrize("number", ["1e-400", "-4e-99999", "0." + "0" * 400 + "1"])
+def test_numbers_too_small_for_a_float_are_refused(number: str) -> None:
+    raw = ('{"message_id": "m", "channel": "http", "to": "https://example.com/",'
+           f' "body": [1, {number}]}}').encode()
+    reason = rejected(raw, "http")
+    assert "too small for a 64-bit float" in reason
+
+
+@pytest.mark.parametrize("number", ["0", "0.0", "0e-500", "-0.0", "1e-300", "1.5e308",
+                                    "123456789012345678901234567890"])
+def test_numbers_a_float_holds_are_accepted(number: str) -> None:
+    raw = ('{"message_id": "m", "channel": "http", "to": "https://example.com/",'
+           f' "body": {{"n": {number}, "s": "1e-999 in a string is text"}}}}').encode()
+    request, reason = decode_request(raw, "http")
+    assert reason == "" and request is not None
+
+
+def test_the_limit_is_a_parameter() -> None:
+    raw = body(body="x" * 2000)
+    assert decode_request(raw, "sms", max_bytes=len(raw))[0] is not None
+    reason = decode_request(raw, "sms", max_bytes=len(raw) - 1)[1]
+    assert reason == f"body of {len(raw)} bytes exceeds the {len(raw) - 1}-byte limit"
+
+
+def test_many_odd_keys_keep_the_reason_short() -> None:
+    raw = json.dumps({f"bad\x00{i}" * 50: i for i in range(200)}).encode()
+    reason = rejected(raw)
+    assert len(reason) <= 1000

@@ -72,8 +72,9 @@ def test_minimal_request_has_the_documented_defaults() -> None:
 # -- message_id --------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("message_id", ["x", "x" * 200, "c0a8012e-7f1b", "ü" * 200])
+@pytest.mark.parametrize("message_id", ["x", "x" * 200, "c0a8012e-7f1b", "ü" * 127])
 def test_message_id_of_1_to_200_characters_is_accepted(message_id: str) -> None:
+    # "ü" * 127: 254 bytes in UTF-8 (the AMQP message-id holds 255).
     assert SendRequest.model_validate(req(message_id=message_id)).message_id == message_id
 
 

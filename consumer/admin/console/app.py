@@ -593,7 +593,7 @@ class Console:
             raw = await self.pool.fetchval(
                 "SELECT COALESCE(replay_body, body) FROM parked_messages WHERE parked_id = $1",
                 parked_id)
-            with contextlib.suppress(ValueError, UnicodeDecodeError):
+            with contextlib.suppress(ValueError, UnicodeDecodeError, RecursionError):
                 current = json.loads(bytes(raw))
                 if isinstance(current, dict) and "body" in current:
                     edit_text = body_text(current["body"], doc["parked"]["channel"])
