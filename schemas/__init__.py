@@ -6,7 +6,14 @@ models into ``schemas/json/`` (``python -m schemas.export``).
 
 from schemas.events import ProviderEvent, ProviderStatus
 from schemas.parking import BrokerParkedHeaders, ErrorTypeName, ParkedHeaders, ParkingNotice
-from schemas.send_request import Channel, Priority, RetryMode, RetrySpec, SendRequest
+from schemas.send_request import (
+    Channel,
+    Priority,
+    RetryMode,
+    RetryRuleSpec,
+    RetrySpec,
+    SendRequest,
+)
 
 __all__ = [
     "BrokerParkedHeaders",
@@ -18,6 +25,7 @@ __all__ = [
     "ProviderEvent",
     "ProviderStatus",
     "RetryMode",
+    "RetryRuleSpec",
     "RetrySpec",
     "SendRequest",
 ]
