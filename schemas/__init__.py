@@ -4,8 +4,15 @@ Publishers in other languages use the JSON Schemas exported from these
 models into ``schemas/json/`` (``python -m schemas.export``).
 """
 
+from schemas.campaigns import CampaignCompleted, CampaignCounters
 from schemas.events import ProviderEvent, ProviderStatus
-from schemas.parking import BrokerParkedHeaders, ErrorTypeName, ParkedHeaders, ParkingNotice
+from schemas.parking import (
+    ESCALATION_CAMPAIGN,
+    BrokerParkedHeaders,
+    ErrorTypeName,
+    ParkedHeaders,
+    ParkingNotice,
+)
 from schemas.send_request import (
     Channel,
     Priority,
@@ -16,7 +23,10 @@ from schemas.send_request import (
 )
 
 __all__ = [
+    "ESCALATION_CAMPAIGN",
     "BrokerParkedHeaders",
+    "CampaignCompleted",
+    "CampaignCounters",
     "Channel",
     "ErrorTypeName",
     "ParkedHeaders",

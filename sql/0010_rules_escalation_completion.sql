@@ -166,25 +166,29 @@ BEGIN
         SELECT DISTINCT ON (x.parked_id) x.*
           FROM jsonb_to_recordset(p_notices) AS x(parked_id uuid, channel text,
                error_type text, campaign_id text)
+         WHERE x.parked_id IS NOT NULL AND x.campaign_id IS DISTINCT FROM p_reserved
          ORDER BY x.parked_id
     ),
+    matches AS (
+        SELECT i.parked_id, r.id AS rule_id, r.window_s, COALESCE(i.campaign_id, '') AS campaign_id,
+               i.channel, i.error_type
+          FROM input i
+          JOIN escalation_rules r ON (r.channel IS NULL OR r.channel = i.channel)
+                                 AND (r.error_type IS NULL OR r.error_type = i.error_type)
+                                 AND (r.campaign_id IS NULL OR r.campaign_id = i.campaign_id)
+    ),
+    -- Only notices some rule wants are remembered.
     fresh AS (
         INSERT INTO escalation_seen (parked_id)
-        SELECT parked_id FROM input ORDER BY parked_id
+        SELECT DISTINCT parked_id FROM matches ORDER BY parked_id
         ON CONFLICT DO NOTHING
         RETURNING parked_id
     )
     SELECT COALESCE(jsonb_agg(jsonb_build_object(
-               'rule_id', r.id, 'window_s', r.window_s,
-               'campaign_id', COALESCE(i.campaign_id, ''), 'channel', i.channel,
-               'error_type', i.error_type)), '[]'::jsonb)
+               'rule_id', m.rule_id, 'window_s', m.window_s, 'campaign_id', m.campaign_id,
+               'channel', m.channel, 'error_type', m.error_type)), '[]'::jsonb)
       INTO pending
-      FROM input i
-      JOIN fresh f ON f.parked_id = i.parked_id
-      JOIN escalation_rules r ON (r.channel IS NULL OR r.channel = i.channel)
-                             AND (r.error_type IS NULL OR r.error_type = i.error_type)
-                             AND (r.campaign_id IS NULL OR r.campaign_id = i.campaign_id)
-     WHERE i.campaign_id IS DISTINCT FROM p_reserved;
+      FROM matches m JOIN fresh f ON f.parked_id = m.parked_id;
 
     WHILE jsonb_array_length(pending) > 0 LOOP
         rounds := rounds + 1;

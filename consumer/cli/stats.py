@@ -56,6 +56,12 @@ def print_stats(s: dict[str, Any]) -> None:
           + (f" (from the campaign: {', '.join(c['from_campaign'])})" if c["from_campaign"]
              else " (settings)")
           + "; a message's own retry fields win")
+    if c.get("retry_rules") == "off":
+        print("  shipped retry rules: off (HERALD_RETRY_RULES=off)")
+    if s.get("rules_applied"):
+        print("  retry rules that applied (to failed attempts):")
+        for r in s["rules_applied"]:
+            print(f"    retried {r['retried']:<6} parked {r['parked']:<6} {cut(r['rule'], 160)}")
     if s["parked_by_error_type"]:
         print(f"  parked now: {counts(s['parked_by_error_type'])}")
     if s["recent_errors"]:
