@@ -18,6 +18,7 @@ from typing import NoReturn
 from consumer.cli import (
     campaign,
     demo,
+    escalation,
     parked,
     prune,
     publish,
@@ -50,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_parser(sub, _Parser)
     campaign.add_parser(sub, _Parser)
     retry_rules.add_parser(sub, _Parser)
+    escalation.add_parser(sub, _Parser)
     prune.add_parser(sub, _Parser)
     status.add_parser(sub, _Parser)
     demo.add_parser(sub, _Parser)

@@ -25,6 +25,7 @@ import asyncpg
 
 from consumer.logs import mask_recipient
 from consumer.parking.lot import NotFound
+from consumer.records.completion import completion_of
 from consumer.settings import Settings
 from consumer.store import Campaign, Store, resolve_policy
 
@@ -111,6 +112,7 @@ async def statistics(pool: asyncpg.Pool, settings: Settings, campaign_id: str | 
                  WHERE state = 'parked' {"AND campaign_id = $1" if campaign_id else ""}
                  GROUP BY error_type ORDER BY error_type""", *params)}
     attempted = int(first["attempted"])
+    completion = await completion_of(pool, campaign_id) if campaign_id else None
     return {
         "campaign": campaign_id,
         "totals": {"all": sum(totals.values())} | {s: totals.get(s, 0) for s in STATUSES},
@@ -137,6 +139,7 @@ async def statistics(pool: asyncpg.Pool, settings: Settings, campaign_id: str | 
             for r in by_attempt],
         "parked_by_error_type": parked,
         "retry_config": retry_config(settings, campaign),
+        "completion": completion,
         "rules_applied": [
             {"rule": r["retry_rule"], "retried": int(r["retried"]), "parked": int(r["parked"]),
              "last_at": r["last_at"].isoformat()} for r in rules],
