@@ -32,7 +32,8 @@ def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
 def _errors(*statuses: int) -> dict[str, Any]:
     """401 and 400 on every route (400 also comes, as text, from the HTTP server itself
     when a request is malformed, e.g. a request line over 8 KiB), and ``statuses``."""
-    why = {404: "No such parked message or campaign.",
+    why = {403: "The token's role (viewer) may not do this; refused and audited.",
+           404: "No such parked message, campaign or job.",
            409: "Another pass over the parking queue is running; try again shortly."}
     answers = {
         "400": {"description": "A parameter or the body is invalid (the message says "
@@ -143,8 +144,17 @@ _SCHEMAS: dict[str, Any] = {
                                               "budget."},
             "set_body": {"type": "string", "description": "A new body (one id only); "
                                                            "recorded as an edit."},
+            "error_code": _TEXT,
+            "background": {"type": "boolean", "description": "Run it as a background job "
+                                                              "and answer 202 with the job."},
         },
     },
+    "Job": {"type": "object", "required": ["id", "kind", "state"],
+            "description": "A background job on the parking lot (replay, reject, purge).",
+            "properties": {"id": {"type": "integer"}, "kind": {"type": "string"},
+                           "state": {"type": "string"}}},
+    "Jobs": {"type": "object", "required": ["jobs"],
+             "properties": {"jobs": {"type": "array", "items": _ref("Job")}}},
     "RejectRequest": {
         "type": "object", "required": ["ids"],
         "properties": {"ids": {**_TEXTS, "minItems": 1},
@@ -160,6 +170,7 @@ def _paths() -> dict[str, Any]:
         _query("error_type", {"type": "array", "items": {"enum": _ERROR_TYPES}},
                "Only these error types (repeat the parameter, or separate with commas).",
                style="form", explode=True),
+        _query("error_code", _TEXT, "Only this error code."),
         _query("campaign", _TEXT, "Only this campaign."),
         _query("recipient", _TEXT, "Only this recipient."),
         _query("since", _TIME, "Parked at or after (ISO 8601 with a zone)."),
@@ -198,13 +209,26 @@ def _paths() -> dict[str, Any]:
             "requestBody": {"required": True, "content": {
                 "application/json": {"schema": _ref("ReplayRequest")}}},
             "responses": {"200": _json(_ref("Report"), "Replayed (or, dry run, would be)."),
-                          **_errors(404, 409)}}},
+                          "202": _json(_ref("Job"), "Queued as a background job."),
+                          **_errors(403, 404, 409)}}},
         "/admin/parked/reject": {"post": {
             "operationId": "rejectParked", "summary": "Reject parked messages for good",
             "requestBody": {"required": True, "content": {
                 "application/json": {"schema": _ref("RejectRequest")}}},
             "responses": {"200": _json(_ref("Report"), "Rejected: status cancelled."),
-                          **_errors(404, 409)}}},
+                          **_errors(403, 404, 409)}}},
+        "/admin/jobs": {"get": {
+            "operationId": "listJobs", "summary": "Background jobs: active, then recent",
+            "responses": {"200": _json(_ref("Jobs"), "The jobs."), **_errors()}}},
+        "/admin/jobs/{id}": {"get": {
+            "operationId": "showJob", "summary": "One background job and its progress",
+            "parameters": [_path_id("The job id.")],
+            "responses": {"200": _json(_ref("Job"), "The job."), **_errors(404)}}},
+        "/admin/jobs/{id}/cancel": {"post": {
+            "operationId": "cancelJob", "summary": "Ask a background job to stop",
+            "parameters": [_path_id("The job id.")],
+            "responses": {"200": _json(_ref("Job"), "The job, cancel requested."),
+                          **_errors(403, 404)}}},
         "/admin/stats": {"get": {
             "operationId": "stats", "summary": "Delivery and retry statistics",
             "parameters": [_query("campaign", _TEXT, "Only this campaign.")],

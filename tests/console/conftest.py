@@ -49,8 +49,8 @@ class RunningHerald:
 async def herald(settings: Settings, sandbox: RunningSandbox) -> AsyncIterator[RunningHerald]:
     service = Service(settings.replace(admin_token=TOKENS, http_port=0), serve_http=True)
     await service.start()
-    assert service.runner is not None
-    port = service.runner.addresses[0][1]
+    assert service.admin_listener is not None
+    port = service.admin_listener.port
     yield RunningHerald(service, f"http://127.0.0.1:{port}")
     await service.stop()
 

@@ -201,8 +201,8 @@ async def test_cookie_is_secure_behind_https_and_cross_origin_posts_are_refused(
                       serve_http=True, roles=("gateway",))
     await service.start()
     try:
-        assert service.runner is not None
-        base = f"http://127.0.0.1:{service.runner.addresses[0][1]}"
+        assert service.admin_listener is not None
+        base = f"http://127.0.0.1:{service.admin_listener.port}"
         async with aiohttp.ClientSession(timeout=TIMEOUT) as session:
             async with session.get(f"{base}/console/login") as response:
                 page = await response.text()

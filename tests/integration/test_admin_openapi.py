@@ -30,18 +30,18 @@ TOKENS = f"ops:{TOKEN}"
 async def gateway(settings: Settings) -> AsyncIterator[tuple[Service, str]]:
     """A real Herald serving the admin API (gateway role only: a replay the fuzzer
     asks for is published, and nothing consumes it)."""
-    service = Service(settings.replace(admin_token=TOKENS, http_port=0), serve_http=True,
-                      roles=("gateway",))
+    service = Service(settings.replace(admin_token=TOKENS, http_port=0, admin_port=0),
+                      serve_http=True, roles=("gateway",))
     await service.start()
-    assert service.runner is not None
-    port = service.runner.addresses[0][1]
+    assert service.admin_listener is not None
+    port = service.admin_listener.port
     yield service, f"http://127.0.0.1:{port}"
     await service.stop()
 
 
 def _admin_app(service: Service) -> web.Application:
-    assert service.runner is not None
-    for resource in service.runner.app.router.resources():
+    assert service.admin_listener is not None
+    for resource in service.admin_listener.app.router.resources():
         info = resource.get_info()
         if info.get("prefix") == "/admin":
             app: web.Application = info["app"]
