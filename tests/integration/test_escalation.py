@@ -23,7 +23,10 @@ from consumer.topology import Names
 from schemas import ESCALATION_CAMPAIGN, SendRequest
 from tests.conftest import RunningSandbox, SandboxServices
 from tests.helpers import publish_all, request, wait_for
+from tests.integration.test_admin import VIEWER_TOKEN, Admin, admin
 from tests.integration.test_retry_rules import herald_cli
+
+__all__ = ["admin"]  # the fixture, used here too
 
 
 async def add_rules(db_url: str, *specs: escalations.EscalationSpec) -> list[dict[str, Any]]:
@@ -261,3 +264,45 @@ def test_bad_rules_are_refused_with_one_line(spec: escalations.EscalationSpec,
                                              why: str) -> None:
     with pytest.raises(ConfigError, match=why):
         spec.check()
+
+
+async def test_escalations_and_retry_rules_through_the_admin_api(
+    admin: Admin, db: asyncpg.Connection,
+) -> None:
+    hook = "https://chat.example.com/hooks/T000/B000/secret-part"
+    body = {"name": "oncall", "to_channel": "http", "to": hook, "window_s": 120,
+            "error_type": "invalid_recipient"}
+    status, viewer = await admin.call("POST", "/escalations", token=VIEWER_TOKEN, body=body)
+    assert status == 403, viewer
+    status, created = await admin.call("POST", "/escalations", body=body)
+    assert status == 201, created
+    assert created["target"] == "https://chat.example.com/…"  # the webhook's key is not shown
+    assert (created["name"], created["window_s"], created["error_type"]) == (
+        "oncall", 120, "invalid_recipient")
+    assert await db.fetchval("SELECT target FROM escalation_rules") == hook
+    status, again = await admin.call("POST", "/escalations", body=body)
+    assert status == 400 and "exists" in again["error"]
+    status, bad = await admin.call("POST", "/escalations", body=body | {
+        "name": "x", "to_channel": "sms", "to": "555"})
+    assert status == 400 and "E.164" in bad["error"]
+    status, listed = await admin.call("GET", "/escalations", token=VIEWER_TOKEN)
+    assert status == 200 and [r["name"] for r in listed["rules"]] == ["oncall"]
+    assert hook not in json.dumps(listed)
+    status, _ = await admin.call("DELETE", f"/escalations/{created['id']}", token=VIEWER_TOKEN)
+    assert status == 403
+    status, removed = await admin.call("DELETE", "/escalations/oncall")
+    assert status == 200 and removed["id"] == created["id"]
+    status, _ = await admin.call("DELETE", "/escalations/oncall")
+    assert status == 404
+    actions = [(r["action"], r["outcome"]) for r in await db.fetch(
+        "SELECT action, outcome FROM audit_log WHERE action LIKE 'escalation.%' ORDER BY id")]
+    assert actions == [("escalation.create", "ok"),
+                       ("escalation.create", "error: name: an escalation named 'oncall' exists"),
+                       ("escalation.remove", "ok"),
+                       ("escalation.remove", "error: no escalation 'oncall'")]
+    assert hook not in json.dumps([dict(r) for r in await db.fetch(
+        "SELECT params::text FROM audit_log")])
+
+    status, rules = await admin.call("GET", "/retry-rules", token=VIEWER_TOKEN)
+    assert status == 200 and rules["builtin_enabled"] is False  # the tests' HERALD_RETRY_RULES
+    assert rules["operator"] == [] and rules["builtin"] == []
