@@ -55,6 +55,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from consumer.delivery.backoff import RetryPolicy
+from consumer.text import printable, storable
 from schemas import RetryMode
 
 # The error types a rule may name: the others are never retried (or are
@@ -137,10 +138,11 @@ class Budget:
 
     @property
     def label(self) -> str:
-        """The rule as recorded with each attempt it decided and shown by ``herald stats``."""
+        """The rule as recorded with each attempt it decided and shown by ``herald stats``
+        (one line PostgreSQL can store: a message's rule names a code of its choosing)."""
         p = self.policy
-        return (f"{self.charged_to.name}: {p.max_attempts} attempts, delay"
-                f" {p.base_delay_s:g}-{p.max_delay_s:g} s")
+        return storable(printable(f"{self.charged_to.name}: {p.max_attempts} attempts, delay"
+                                  f" {p.base_delay_s:g}-{p.max_delay_s:g} s"), 300)
 
 
 @dataclass(frozen=True)

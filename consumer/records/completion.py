@@ -9,7 +9,7 @@ reports are not activity (they may trickle in for days); a claim, a send, a
 retry, a parking or an expiry is.
 
 How it is noticed, cheaply: :class:`CampaignWatch` (role ``events``) makes
-one pass every few seconds. A pass reads the messages changed since the last
+one pass every quarter of the quiet period (a minute at most). A pass reads the messages changed since the last
 one (the index on ``(status, updated_at)``: the cost follows the traffic, not
 the table; a margin of :attr:`CampaignWatch.overlap_s` catches transactions
 that committed late) and keeps per campaign the time of its latest pipeline
@@ -113,7 +113,7 @@ class CampaignWatch:
     name = "campaign-watch"
     # Messages changed this long before the last pass are read again: a
     # transaction stamps its rows when it starts, and may commit later.
-    overlap_s = 60.0
+    overlap_s = 30.0
     # At most this many campaigns completed per pass (the rest in the next).
     max_per_pass = 200
 
@@ -128,8 +128,9 @@ class CampaignWatch:
 
     @property
     def interval_s(self) -> float:
-        """A few passes per quiet period: completion comes within a quarter of it."""
-        return min(15.0, max(0.5, self.quiet_s / 4))
+        """A few passes per quiet period (completion comes within a quarter of it, a
+        minute at most); each pass reads the messages changed since the last one."""
+        return min(60.0, max(0.5, self.quiet_s / 4))
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="campaign-watch")

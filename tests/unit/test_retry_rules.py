@@ -272,3 +272,10 @@ def test_every_shipped_rule_names_a_retryable_failure_and_says_why() -> None:
             classified = lookups[rule.channel](rule.code)
             assert classified is not None and classified.retryable, rule
             assert not classified.provider_wide, rule
+
+
+def test_a_messages_rule_with_an_odd_code_gives_a_storable_one_line_label() -> None:
+    odd = plan(message_rules=(RetryRule(3, code="x\x00\ny", source="message"),))
+    label = odd.resolve("provider_error", "x\x00\ny").label
+    assert "\x00" not in label and "\n" not in label
+    assert label.startswith("message rule code x")
