@@ -266,6 +266,9 @@ BUILTIN_RULES: tuple[RetryRule, ...] = (
     _meta("whatsapp", "131000", 2, 60, 60, "Unknown error: one more try."),
     _meta("messenger", "4", 6, 60, 3600, "App call rate limit: it resets within the hour."),
     _meta("messenger", "613", 6, 60, 3600, "Call rate limit: it resets within the hour."),
+    RetryRule(8, 5, 600, channel="http", error_type="network", note="Connection refused, "
+              "reset or cut: a webhook receiver being restarted is back within minutes; "
+              "quick tries first, up to 10 minutes apart."),
     RetryRule(10, 1, 60, error_type="rate_limit", note="Any other rate limit (an HTTP 429): "
               "many quick tries, never sooner than Retry-After."),
 )

@@ -226,8 +226,9 @@ def test_history_is_only_needed_after_a_failure_since_the_base() -> None:
     ("whatsapp", "130429", "rate_limit", 10, 2),
     ("messenger", "613", "rate_limit", 6, 60),
     ("http", "429", "rate_limit", 10, 1),
+    ("http", None, "network", 8, 5),
 ])
-def test_the_shipped_rules(channel: str, code: str, error_type: str, attempts: int,
+def test_the_shipped_rules(channel: str, code: str | None, error_type: str, attempts: int,
                            base: float) -> None:
     policy = plan(channel=channel, general_rules=BUILTIN_RULES).resolve(error_type, code).policy
     assert (policy.max_attempts, policy.base_delay_s) == (attempts, base)
