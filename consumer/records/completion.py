@@ -9,11 +9,12 @@ reports are not activity (they may trickle in for days); a claim, a send, a
 retry, a parking or an expiry is.
 
 How it is noticed, cheaply: :class:`CampaignWatch` (role ``events``) makes
-one pass every quarter of the quiet period (a minute at most). A pass reads the messages changed since the last
-one (the index on ``(status, updated_at)``: the cost follows the traffic, not
-the table; a margin of :attr:`CampaignWatch.overlap_s` catches transactions
-that committed late) and keeps per campaign the time of its latest pipeline
-event (``campaign_completion``). Only a campaign quiet for the period is then
+one pass every quarter of the quiet period (a minute at most). A pass reads
+the messages changed since the last one (the index on ``(status,
+updated_at)``: the cost follows the traffic, not the table; a margin of
+:attr:`CampaignWatch.overlap_s` catches transactions that committed late) and
+keeps per campaign the time of its latest pipeline event
+(``campaign_completion``). Only a campaign quiet for the period is then
 probed for open messages (three probes of ``(campaign_id, status)``); a
 success costs nothing on the hot path. A completed campaign with a pipeline
 event after its completion (a replay, a failure reported after acceptance,
