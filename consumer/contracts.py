@@ -26,6 +26,7 @@ from pydantic import BaseModel
 from consumer import __version__
 from consumer.admin.openapi import document as admin_openapi
 from consumer.topology import LANES, Names, Topology
+from schemas.campaigns import CampaignCompleted
 from schemas.events import ProviderEvent, ProviderStatus
 from schemas.parking import BrokerParkedHeaders, ErrorTypeName, ParkedHeaders, ParkingNotice
 from schemas.send_request import CHANNELS, SendRequest
@@ -147,6 +148,17 @@ def asyncapi(prefix: str = PREFIX) -> dict[str, Any]:
             "payload": _schema(ParkingNotice, schemas),
             "bindings": {"amqp": {"bindingVersion": _AMQP}},
         },
+        "campaignCompleted": {
+            "name": "CampaignCompleted",
+            "title": "Campaign completed",
+            "summary": "None of a campaign's messages is queued, sending or retrying any more, "
+                       "and it has been quiet for HERALD_CAMPAIGN_QUIET_S; its final counters. "
+                       "The AMQP message id, campaign.completed/{campaign_id}/{completion}, "
+                       "is the same for every copy of one completion.",
+            "contentType": "application/json",
+            "payload": _schema(CampaignCompleted, schemas),
+            "bindings": {"amqp": {"bindingVersion": _AMQP}},
+        },
         "parkedCopy": {
             "name": "ParkedCopy",
             "title": "Parked copy (parked by Herald)",
@@ -191,11 +203,18 @@ def asyncapi(prefix: str = PREFIX) -> dict[str, Any]:
              "status": _enum(list(typing.get_args(ProviderStatus)), "The reported status.")}),
         "parkingNotices": _routing_key_channel(
             "parked.{channel}.{error_type}", _exchange(topology, names.notifications),
-            "One notice per parked message. Nothing is bound here by Herald: bind a queue "
-            "(e.g. 'parked.sms.#' or 'parked.*.access_token') to route escalations.",
+            "One notice per parked message. Herald's own escalation reads them from the "
+            f"queue {names.escalations} (bound with 'parked.#') and sends people one digest "
+            "per rule and window; bind a queue of your own (e.g. 'parked.sms.#' or "
+            "'parked.*.access_token') to route them elsewhere too.",
             {"parkingNotice": "parkingNotice"},
             {"channel": channels_param,
              "error_type": _enum(list(typing.get_args(ErrorTypeName)), "Why it failed.")}),
+        "campaignNotices": _routing_key_channel(
+            "campaign.completed", _exchange(topology, names.notifications),
+            "One notice each time a campaign completes (again after a reopening). Nothing is "
+            "bound here by Herald: bind a queue to 'campaign.completed' to hear of them.",
+            {"campaignCompleted": "campaignCompleted"}, {}),
         "parked": {
             "address": names.parked,
             "description": "The parking lot, a quorum queue read by `herald parked` and the "
@@ -228,6 +247,10 @@ def asyncapi(prefix: str = PREFIX) -> dict[str, Any]:
         "sendParkingNotice": _operation(
             "send", "parkingNotices", ["parkingNotice"],
             "Published after a message is parked and indexed (unroutable notices are "
+            "dropped: listening is optional).", {"deliveryMode": 2, "mandatory": False}),
+        "sendCampaignCompleted": _operation(
+            "send", "campaignNotices", ["campaignCompleted"],
+            "Published once per completion by the events role (unroutable notices are "
             "dropped: listening is optional).", {"deliveryMode": 2, "mandatory": False}),
         "sendParkedCopy": _operation(
             "send", "parked", ["parkedCopy"],

@@ -9,7 +9,8 @@ gracefully in reverse order. Nothing reaches back into the service.
 Roles (``herald run --roles``) let operators scale parts apart:
 
 - ``senders``: the channel consumers (delivery pipeline);
-- ``events``: the consumer of ``{prefix}.events`` (provider status updates);
+- ``events``: the consumer of ``{prefix}.events`` (provider status updates),
+  escalation of parked messages to people, and the campaigns' completion;
 - ``gateway``: the HTTP routes providers and people call (webhooks, admin
   API) and the queue/backlog gauges.
 
@@ -49,12 +50,14 @@ from consumer.http_server import (
     create_app,
 )
 from consumer.migrate import MigrationError, verify
+from consumer.parking.escalation import Escalator
 from consumer.providers.base import Provider
 from consumer.providers.http import HttpProvider
 from consumer.providers.messenger import MessengerProvider
 from consumer.providers.twilio import TwilioProvider
 from consumer.providers.whatsapp import WhatsAppProvider
 from consumer.publisher import Publisher
+from consumer.records.completion import CampaignWatch
 from consumer.settings import Settings
 from consumer.status.events import EventsConsumer
 from consumer.status.webhooks import WebhookReceiver, callback_problem
@@ -203,6 +206,10 @@ class Service:
                 settings=self.settings,
                 on_provider_wide=self.channels.provider_wide,  # pauses the channel's senders
             ))
+            # Parked messages told to people, and campaigns judged complete.
+            components.append(Escalator(connection=connection, names=self.names, pool=pool))
+            components.append(CampaignWatch(connection=connection, names=self.names, pool=pool,
+                                            settings=self.settings))
         return components
 
     async def _start_listeners(self, connection: AbstractRobustConnection,

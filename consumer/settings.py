@@ -161,6 +161,8 @@ class Settings:
     max_delay_s: float = _env("HERALD_MAX_DELAY_S", _float(1, 262143), 3600.0)
     retry_mode: str = _env("HERALD_RETRY_MODE", _choice("auto", "manual"), "auto")
     retry_jitter: float = _env("HERALD_RETRY_JITTER", _float(0, 1), 0.1)
+    retry_rules: str = _env("HERALD_RETRY_RULES", _choice("builtin", "off"), "builtin")
+    campaign_quiet_s: float = _env("HERALD_CAMPAIGN_QUIET_S", _float(1, 86400), 300.0)
     delivery_limit: int = _env("HERALD_DELIVERY_LIMIT", _int(1, 1000), 20)
     max_body_bytes: int = _env("HERALD_MAX_BODY_BYTES", _int(1024, MAX_BODY_BYTES_LIMIT),
                                DEFAULT_MAX_BODY_BYTES)

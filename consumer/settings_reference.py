@@ -63,6 +63,13 @@ SECTIONS: list[tuple[str, list[tuple[str, str]]]] = [
          "`manual` parks on the first failure for a person to replay."),
         ("HERALD_RETRY_JITTER", "Random share of the delay added to each retry delay (0.1: "
          "up to 10 % more). Jitter never shortens a delay."),
+        ("HERALD_RETRY_RULES", "`builtin`: the shipped retry rules per error code apply "
+         "(docs/retry-rules.md), under the operator's, campaigns' and messages' own; `off`: "
+         "only those, and the settings above for everything else."),
+        ("HERALD_CAMPAIGN_QUIET_S", "How long, in seconds, a campaign none of whose "
+         "messages is queued, sending or retrying must see nothing happen in the pipeline "
+         "before it is judged complete (messages published but not yet consumed have no "
+         "row; this waits for them)."),
         ("HERALD_DELIVERY_LIMIT", "Deliveries of one message the broker allows before it "
          "dead-letters it to the parking queue: the guard against a message that crashes "
          "every consumer. Part of the queues' arguments: changing it needs the send queues "

@@ -22,9 +22,11 @@ from typing import Any, Literal
 import asyncpg
 
 from consumer.delivery.backoff import RetryPolicy
+from consumer.delivery.rules import BUILTIN_RULES, RetryFields, RetryPlan, RetryRule, RuleBook
 from consumer.group_commit import Batcher
 from consumer.settings import Settings
 from consumer.text import storable
+from schemas import RetrySpec
 
 ClaimOutcome = Literal["claimed", "reclaimed", "held", "duplicate", "stale"]
 RecordOutcome = Literal["sent", "retrying", "failed", "paused"]
@@ -130,6 +132,7 @@ class Store:
     """The pipeline's view of PostgreSQL."""
 
     CAMPAIGN_CACHE_S = 30.0
+    RULES_CACHE_S = 30.0
 
     def __init__(self, pool: asyncpg.Pool, *, max_batch: int = 200) -> None:
         self.pool = pool
@@ -140,6 +143,9 @@ class Store:
         self._records: Batcher[dict[str, Any], str] = Batcher(
             self._record_many, max_batch=max_batch, name="records", isolate=_isolate)
         self._campaigns: dict[str, tuple[float, Campaign | None]] = {}
+        self._histories: Batcher[dict[str, Any], dict[tuple[str, str | None], int]] = Batcher(
+            self._history_many, max_batch=max_batch, name="histories")
+        self._rules: tuple[float, RuleBook] | None = None
 
     async def ping(self) -> None:
         async with self.pool.acquire(timeout=5) as conn:
@@ -207,8 +213,10 @@ class Store:
         error_text: str | None = None,
         next_attempt_at: datetime | None = None,
         urgent: bool = False,
+        retry_rule: str | None = None,
     ) -> str:
-        """Record an attempt's outcome; returns the message's status afterwards."""
+        """Record an attempt's outcome; returns the message's status afterwards.
+        ``retry_rule``: the rule that retried or parked it."""
         return await self._records.submit({
             "message_id": message_id, "attempt": attempt, "outcome": outcome,
             "started_at": started_at.isoformat(), "latency_ms": latency_ms,
@@ -216,6 +224,7 @@ class Store:
             "error_type": error_type, "error_code": error_code,
             "error_text": None if error_text is None else error_text[:2000],
             "next_attempt_at": None if next_attempt_at is None else next_attempt_at.isoformat(),
+            "retry_rule": retry_rule,
         }, urgent=urgent)
 
     async def _record_many(self, items: Sequence[dict[str, Any]]) -> list[str]:
@@ -255,6 +264,41 @@ class Store:
     async def close(self) -> None:
         await self._claims.close()
         await self._records.close()
+        await self._histories.close()
+
+    async def failure_history(self, message_id: str, *, base: int, before: int
+                              ) -> dict[tuple[str, str | None], int]:
+        """The message's failed attempts numbered above ``base`` and below ``before``,
+        counted by (error_type, code): what its retry budgets have spent
+        (consumer.delivery.rules). Asked on failures only."""
+        return await self._histories.submit(
+            {"message_id": message_id, "base": base, "before": before})
+
+    async def _history_many(self, items: Sequence[dict[str, Any]]
+                            ) -> list[dict[tuple[str, str | None], int]]:
+        rows = await self.pool.fetch(
+            """SELECT x.idx, a.error_type, a.error_code, count(*) AS n
+                 FROM jsonb_to_recordset($1::text::jsonb)
+                      AS x(idx integer, message_id text, base integer, before integer)
+                 JOIN delivery_attempts a ON a.message_id = x.message_id
+                      AND a.attempt > x.base AND a.attempt < x.before
+                WHERE a.outcome IN ('retrying', 'failed') AND a.error_type IS NOT NULL
+                GROUP BY x.idx, a.error_type, a.error_code""",
+            json.dumps([item | {"idx": i} for i, item in enumerate(items)]))
+        found: list[dict[tuple[str, str | None], int]] = [{} for _ in items]
+        for r in rows:
+            found[r["idx"]][(r["error_type"], r["error_code"])] = int(r["n"])
+        return found
+
+    async def rule_book(self) -> RuleBook:
+        """The retry rules in the database (the operator's and campaigns'), cached
+        briefly like campaigns: a change reaches running consumers within 30 s."""
+        now = time.monotonic()
+        if self._rules is not None and now - self._rules[0] < self.RULES_CACHE_S:
+            return self._rules[1]
+        book = await load_rule_book(self.pool)
+        self._rules = (now, book)
+        return book
 
     async def record_expired(
         self, *, message_id: str, channel: str, recipient: str, campaign_id: str | None,
@@ -441,4 +485,53 @@ def resolve_policy(
         mode="manual" if pick(mode, campaign and campaign.retry_mode, settings.retry_mode)
         == "manual" else "auto",
         jitter=settings.retry_jitter,
+    )
+
+
+async def load_rule_book(pool: asyncpg.Pool) -> RuleBook:
+    """Every retry rule kept in the database."""
+    general: list[RetryRule] = []
+    campaigns: dict[str, list[RetryRule]] = {}
+    for r in await pool.fetch(
+            """SELECT id, campaign_id, channel, error_type, error_code, max_attempts,
+                      base_delay_s, max_delay_s, note
+                 FROM retry_rules ORDER BY id"""):
+        rule = RetryRule(r["max_attempts"], r["base_delay_s"], r["max_delay_s"],
+                         channel=r["channel"], error_type=r["error_type"], code=r["error_code"],
+                         source="campaign" if r["campaign_id"] else "operator",
+                         note=r["note"] or "", rule_id=r["id"])
+        if r["campaign_id"] is None:
+            general.append(rule)
+        else:
+            campaigns.setdefault(r["campaign_id"], []).append(rule)
+    return RuleBook(tuple(general), {k: tuple(v) for k, v in campaigns.items()})
+
+
+def retry_plan(settings: Settings, *, channel: str, spec: RetrySpec | None,
+               campaign_id: str | None, campaign: Campaign | None, book: RuleBook
+               ) -> RetryPlan:
+    """A message's retry plan: its own retry fields and rules, its campaign's, the
+    operator's and (HERALD_RETRY_RULES=builtin) the shipped rules, then settings."""
+    mode = spec.mode if spec is not None and spec.mode is not None else (
+        campaign.retry_mode if campaign is not None and campaign.retry_mode else
+        settings.retry_mode)
+    message_rules = tuple(
+        RetryRule(r.max_attempts, r.base_delay_s, r.max_delay_s, error_type=r.error_type,
+                  code=r.code, source="message")
+        for r in (spec.rules or () if spec is not None else ()))
+    general = book.general + (BUILTIN_RULES if settings.retry_rules == "builtin" else ())
+    return RetryPlan(
+        channel=channel,
+        settings=RetryFields("settings", settings.max_attempts, settings.base_delay_s,
+                             settings.max_delay_s),
+        mode="manual" if mode == "manual" else "auto",
+        jitter=settings.retry_jitter,
+        message=RetryFields("message", spec.max_attempts, spec.base_delay_s, spec.max_delay_s)
+        if spec is not None else RetryFields("message"),
+        message_rules=message_rules,
+        campaign=RetryFields("campaign", campaign.max_attempts, campaign.base_delay_s,
+                             campaign.max_delay_s) if campaign is not None
+        else RetryFields("campaign"),
+        campaign_rules=book.for_campaign(campaign_id),
+        general_rules=general,
     )

@@ -70,6 +70,11 @@ class Names:
     def notifications(self) -> str:
         return f"{self.prefix}.notifications"
 
+    @property
+    def escalations(self) -> str:
+        """The parking notices Herald's escalation counts (consumer.parking.escalation)."""
+        return f"{self.prefix}.escalations"
+
 
 def delay_routing_key(delay_s: int, destination: str) -> str:
     """``b17.b16.….b0.{destination}`` for a delay of ``delay_s`` whole seconds."""
@@ -150,6 +155,8 @@ class Topology:
         bind(n.events, n.events, "#")
 
         exchange(n.notifications)
+        queue(n.escalations)
+        bind(n.notifications, n.escalations, "parked.#")
 
     async def declare(self, channel: AbstractChannel) -> None:
         """Declare everything; safe to repeat (same arguments each time)."""

@@ -9,6 +9,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from schemas.campaigns import CampaignCompleted
 from schemas.events import ProviderEvent
 from schemas.parking import ParkingNotice
 from schemas.send_request import SendRequest
@@ -17,6 +18,7 @@ MODELS: dict[str, type[BaseModel]] = {
     "send_request": SendRequest,
     "provider_event": ProviderEvent,
     "parking_notice": ParkingNotice,
+    "campaign_completed": CampaignCompleted,
 }
 
 JSON_DIR = Path(__file__).parent / "json"

@@ -31,6 +31,11 @@ PARKED_CHANNELS: tuple[str, ...] = (*CHANNELS, PARKED_EVENTS_CHANNEL)
 _CHANNEL = ("The send request's channel, or 'events' for a provider event the events"
             " consumer could not apply.")
 
+# The campaign of the digests Herald's escalation sends to people: a parked
+# message of this campaign (a digest that could not be delivered) is parked
+# like any other but never escalated, so an escalation never escalates itself.
+ESCALATION_CAMPAIGN = "herald-escalations"
+
 # Why a message failed: the operators' vocabulary, the same for every provider.
 ErrorTypeName = Literal[
     "access_token", "permission", "rate_limit", "network", "provider_error",
@@ -50,6 +55,9 @@ class ParkingNotice(BaseModel):
     channel: ParkedChannel = Field(description=_CHANNEL)
     error_type: ErrorTypeName
     error_code: str | None = Field(description="The provider's own code, when it gave one.")
+    campaign_id: str | None = Field(
+        default=None, description="The message's campaign, if any ('herald-escalations': an "
+                                  "escalation digest, never escalated itself).")
     last_error: str = Field(max_length=500, description="What went wrong, in words.")
     attempt: int = Field(ge=0, description="Attempts made (0 when the body never parsed).")
     parked_at: AwareDatetime

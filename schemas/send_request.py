@@ -40,6 +40,31 @@ RetryMode = Literal["auto", "manual"]
 Priority = Literal["high", "normal"]
 
 CHANNELS: tuple[Channel, ...] = ("http", "sms", "whatsapp", "messenger")
+# The error types a retry rule may name (the others are never retried).
+RetryableErrorType = Literal["rate_limit", "network", "provider_error"]
+
+
+class RetryRuleSpec(BaseModel):
+    """A retry budget for one kind of failure of this message: an error type, a
+    provider code, or both. It wins over every other rule for that kind."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    error_type: RetryableErrorType | None = Field(
+        default=None, description="Failures of this error type.")
+    code: str | None = Field(default=None, min_length=1, max_length=100,
+                             description="Failures with this provider code, e.g. '30003'.")
+    max_attempts: int = Field(ge=1, le=100,
+                              description="Attempts that may end in this failure (3: two "
+                                          "retries).")
+    base_delay_s: float | None = Field(default=None, ge=1, le=262143)
+    max_delay_s: float | None = Field(default=None, ge=1, le=262143)
+
+    @model_validator(mode="after")
+    def _names_a_failure(self) -> RetryRuleSpec:
+        if self.error_type is None and self.code is None:
+            raise ValueError("a retry rule names an error_type, a code, or both")
+        return self
 
 # Arrays and objects inside ``body`` or ``metadata``: ``{"a": [1]}`` is 2 deep.
 MAX_NESTING = 32
@@ -129,6 +154,10 @@ class RetrySpec(BaseModel):
     mode: RetryMode | None = Field(
         default=None, description="'manual' parks on the first failure for a person to replay."
     )
+    rules: tuple[RetryRuleSpec, ...] | None = Field(
+        default=None, max_length=20,
+        description="Budgets per kind of failure, winning over the campaign's and the "
+                    "shipped rules; max_attempts above is the budget of the other kinds.")
 
 
 class SendRequest(BaseModel):

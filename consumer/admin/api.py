@@ -23,7 +23,14 @@ Routes (JSON in and out):
 - ``POST /admin/parked/reject``: ``{"ids": [...], "reason": "..."}``;
 - ``GET  /admin/jobs``, ``GET /admin/jobs/{id}``, ``POST /admin/jobs/{id}/cancel``:
   background jobs (:mod:`consumer.admin.jobs`), the console's too;
-- ``GET  /admin/stats`` (``?campaign=ID``), ``GET /admin/campaigns/{id}``;
+- ``GET  /admin/stats`` (``?campaign=ID``), ``GET /admin/campaigns/{id}`` (with the
+  campaign's completion);
+- ``GET  /admin/retry-rules`` (``?campaign=ID``): the retry rules in the database and
+  the shipped ones (:mod:`consumer.records.retry_rules`);
+- ``GET  /admin/escalations``, ``POST /admin/escalations`` (``{"name", "to_channel",
+  "to", "window_s", "channel", "error_type", "campaign"}``), ``DELETE
+  /admin/escalations/{id}``: who is told about parked messages
+  (:mod:`consumer.records.escalations`);
 - ``GET  /admin/openapi.json``: the OpenAPI document of these routes
   (:mod:`consumer.admin.openapi`), behind the token like the rest.
 
@@ -65,7 +72,7 @@ from consumer.parking.lot import (
 )
 from consumer.parking.passes import LotBusy
 from consumer.parking.replay import Edit, ReplayOptions, replay
-from consumer.records import campaigns
+from consumer.records import campaigns, escalations, retry_rules
 from consumer.records.stats import statistics
 from consumer.settings import Settings
 from consumer.topology import Names
@@ -111,6 +118,10 @@ class AdminApi:
         app.router.add_post("/jobs/{id}/cancel", self.job_cancel)
         app.router.add_get("/stats", self.stats)
         app.router.add_get("/campaigns/{id}", self.campaign)
+        app.router.add_get("/retry-rules", self.retry_rules)
+        app.router.add_get("/escalations", self.escalations_list)
+        app.router.add_post("/escalations", self.escalation_add)
+        app.router.add_delete("/escalations/{id}", self.escalation_remove)
         app.router.add_get("/openapi.json", self.openapi)
         return app
 
@@ -147,7 +158,7 @@ class AdminApi:
             return _problem(400, "a parameter holds a NUL character")
         try:
             return await handler(request)
-        except NotFound as exc:
+        except (NotFound, escalations.EscalationNotFound) as exc:
             return _problem(404, str(exc))
         except LotBusy as exc:
             return _problem(409, str(exc))
@@ -234,7 +245,46 @@ class AdminApi:
         figures = await statistics(self.lot.pool, self.settings, campaign_id)
         return web.json_response({"campaign": row, "stats": figures})
 
+    async def retry_rules(self, request: web.Request) -> web.Response:
+        return web.json_response(await retry_rules.listing(
+            self.lot.pool, campaign_id=request.query.get("campaign") or None,
+            builtin=self.settings.retry_rules == "builtin"))
+
+    async def escalations_list(self, _: web.Request) -> web.Response:
+        return web.json_response(await escalations.listing(self.lot.pool))
+
     # -- changing --------------------------------------------------------------------
+
+    async def escalation_add(self, request: web.Request) -> web.Response:
+        body = await self._body(request)
+        window = body.get("window_s", 300)
+        if isinstance(window, bool) or not isinstance(window, int):
+            raise LotError("window_s: a whole number of seconds")
+        spec = escalations.EscalationSpec(
+            name=_opt_str(body, "name") or "", target_channel=_opt_str(body, "to_channel") or "",
+            target=_opt_str(body, "to") or "", window_s=window,
+            channel=_opt_str(body, "channel"), error_type=_opt_str(body, "error_type"),
+            campaign_id=_opt_str(body, "campaign"))
+        spec.check()
+        label = _caller.get().label
+
+        async def work() -> tuple[int, dict[str, Any]]:
+            return 1, await escalations.add(self.lot.pool, spec, label)
+
+        shown = {"name": spec.name, "to_channel": spec.target_channel,
+                 "to": escalations.shown_target(spec.target_channel, spec.target),
+                 "window_s": spec.window_s, "channel": spec.channel,
+                 "error_type": spec.error_type, "campaign": spec.campaign_id}
+        return await self._audited(request, "escalation.create", shown, work, status=201)
+
+    async def escalation_remove(self, request: web.Request) -> web.Response:
+        ref = request.match_info["id"]
+
+        async def work() -> tuple[int, dict[str, Any]]:
+            return 1, await escalations.remove(self.lot.pool, ref)
+
+        return await self._audited(request, "escalation.remove", {"rule": ref[:200]}, work)
+
 
     async def parked_replay(self, request: web.Request) -> web.Response:
         body = await self._body(request)

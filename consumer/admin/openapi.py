@@ -16,6 +16,7 @@ from typing import Any
 
 from consumer import __version__
 from schemas.parking import PARKED_CHANNELS, ErrorTypeName
+from schemas.send_request import CHANNELS
 
 _ERROR_TYPES: list[str] = list(typing.get_args(ErrorTypeName))
 
@@ -32,7 +33,7 @@ def _errors(*statuses: int) -> dict[str, Any]:
     """401 and 400 on every route (400 also comes, as text, from the HTTP server itself
     when a request is malformed, e.g. a request line over 8 KiB), and ``statuses``."""
     why = {403: "The token's role (viewer) may not do this; refused and audited.",
-           404: "No such parked message, campaign or job.",
+           404: "No such parked message, campaign, job or escalation.",
            409: "Another pass over the parking queue is running; try again shortly."}
     answers = {
         "400": {"description": "A parameter or the body is invalid (the message says "
@@ -120,6 +121,45 @@ _SCHEMAS: dict[str, Any] = {
     },
     "Stats": {"type": "object", "description": "Totals by status, first-attempt success, "
                                                "retries by attempt, failures by error_type."},
+    "RetryRules": {
+        "type": "object", "required": ["operator", "campaign", "builtin", "builtin_enabled"],
+        "description": "The operator's rules, the campaign's (when asked), and the shipped "
+                       "ones (each marked when an operator's rule replaces it).",
+        "properties": {"operator": {"type": "array", "items": {"type": "object"}},
+                       "campaign": {"type": "array", "items": {"type": "object"}},
+                       "builtin": {"type": "array", "items": {"type": "object"}},
+                       "builtin_enabled": {"type": "boolean"}}},
+    "Escalation": {
+        "type": "object",
+        "required": ["id", "name", "target_channel", "target", "window_s"],
+        "properties": {
+            "id": {"type": "integer"}, "name": {"type": "string"},
+            "channel": {"type": ["string", "null"]}, "error_type": {"type": ["string", "null"]},
+            "campaign_id": {"type": ["string", "null"]},
+            "target_channel": {"enum": list(CHANNELS)},
+            "target": {"type": "string", "description": "Masked: a URL cut to its host, a "
+                                                        "number masked."},
+            "window_s": {"type": "integer"},
+            "created_at": {"type": "string", "format": "date-time"},
+            "created_by": {"type": "string"}}},
+    "Escalations": {
+        "type": "object", "required": ["rules", "digests"],
+        "properties": {"rules": {"type": "array", "items": _ref("Escalation")},
+                       "digests": {"type": "array", "items": {"type": "object"},
+                                   "description": "The latest digests, newest first."}}},
+    "EscalationRequest": {
+        "type": "object", "required": ["name", "to_channel", "to"],
+        "properties": {
+            "name": {"type": "string", "minLength": 1, "maxLength": 100},
+            "to_channel": {"enum": list(CHANNELS), "description": "How to reach the person."},
+            "to": {**_TEXT, "description": "A URL (e.g. a chat's incoming webhook), an E.164 "
+                                           "number or a PSID."},
+            "window_s": {"type": "integer", "minimum": 1, "maximum": 86400, "default": 300,
+                         "description": "One digest per window of this many seconds."},
+            "channel": {"enum": list(CHANNELS), "description": "Only this channel."},
+            "error_type": {"enum": _ERROR_TYPES, "description": "Only this error type."},
+            "campaign": {"type": "string", "minLength": 1, "maxLength": 200,
+                         "description": "Only this campaign."}}},
     "Campaign": {"type": "object", "required": ["campaign", "stats"],
                  "properties": {"campaign": {"type": ["object", "null"]},
                                 "stats": _ref("Stats")}},
@@ -238,6 +278,27 @@ def _paths() -> dict[str, Any]:
             "parameters": [_path_id("The campaign id.")],
             "responses": {"200": _json(_ref("Campaign"), "The campaign."),
                           **_errors(404)}}},
+        "/admin/retry-rules": {"get": {
+            "operationId": "retryRules", "summary": "Retry rules per error type or code",
+            "parameters": [_query("campaign", _TEXT, "Also this campaign's rules.")],
+            "responses": {"200": _json(_ref("RetryRules"), "The rules."), **_errors()}}},
+        "/admin/escalations": {
+            "get": {
+                "operationId": "listEscalations",
+                "summary": "Who is told about parked messages, and the latest digests",
+                "responses": {"200": _json(_ref("Escalations"), "The rules and digests."),
+                              **_errors()}},
+            "post": {
+                "operationId": "addEscalation", "summary": "Add an escalation rule",
+                "requestBody": {"required": True, "content": {
+                    "application/json": {"schema": _ref("EscalationRequest")}}},
+                "responses": {"201": _json(_ref("Escalation"), "The rule, target masked."),
+                              **_errors(403)}}},
+        "/admin/escalations/{id}": {"delete": {
+            "operationId": "removeEscalation", "summary": "Remove an escalation rule",
+            "parameters": [_path_id("The rule's id or name.")],
+            "responses": {"200": _json(_ref("Escalation"), "The rule removed."),
+                          **_errors(403, 404)}}},
         "/admin/openapi.json": {"get": {
             "operationId": "openapi", "summary": "This document",
             "responses": {"200": _json({"type": "object"}, "OpenAPI 3.1."), **_errors()}}},

@@ -15,7 +15,18 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import NoReturn
 
-from consumer.cli import campaign, demo, parked, prune, publish, service, stats, status
+from consumer.cli import (
+    campaign,
+    demo,
+    escalation,
+    parked,
+    prune,
+    publish,
+    retry_rules,
+    service,
+    stats,
+    status,
+)
 from consumer.errors import ConfigError
 from consumer.settings import Settings, unknown_variables
 
@@ -39,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     parked.add_parser(sub, _Parser)
     stats.add_parser(sub, _Parser)
     campaign.add_parser(sub, _Parser)
+    retry_rules.add_parser(sub, _Parser)
+    escalation.add_parser(sub, _Parser)
     prune.add_parser(sub, _Parser)
     status.add_parser(sub, _Parser)
     demo.add_parser(sub, _Parser)

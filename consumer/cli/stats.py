@@ -37,6 +37,9 @@ def print_stats(s: dict[str, Any]) -> None:
           f" {s['recovered_by_retries']} succeeded")
     print(f"  average attempts per message {s['average_attempts'] or '-'}; success rate"
           f" {_percent(s['success_rate'])} ({s['succeeded']} of {s['finished']} finished)")
+    done = s.get("completion")
+    if done is not None:
+        print("  " + completion_line(done))
     if s["failures_by_error_type"]:
         print("  failures by error_type:")
         for name, f in s["failures_by_error_type"].items():
@@ -56,6 +59,12 @@ def print_stats(s: dict[str, Any]) -> None:
           + (f" (from the campaign: {', '.join(c['from_campaign'])})" if c["from_campaign"]
              else " (settings)")
           + "; a message's own retry fields win")
+    if c.get("retry_rules") == "off":
+        print("  shipped retry rules: off (HERALD_RETRY_RULES=off)")
+    if s.get("rules_applied"):
+        print("  retry rules that applied (to failed attempts):")
+        for r in s["rules_applied"]:
+            print(f"    retried {r['retried']:<6} parked {r['parked']:<6} {cut(r['rule'], 160)}")
     if s["parked_by_error_type"]:
         print(f"  parked now: {counts(s['parked_by_error_type'])}")
     if s["recent_errors"]:
@@ -64,6 +73,25 @@ def print_stats(s: dict[str, Any]) -> None:
             print(f"    {e['at']}  {cut(e['message_id'], 200)} #{e['attempt']}"
                   f" {cut(e['error_type'], 20)} {cut(e['error_code'] or '-', 20)}"
                   f" {cut(e['recipient'], 200)}: {cut(e['error'], 80)}")
+
+
+def completion_line(done: dict[str, Any]) -> str:
+    """Where a campaign stands: completed (when, how often, its final counters) or open."""
+    if done["state"] == "completed":
+        c = done["counters"] or {}
+        failed = ", ".join(f"{printable(k)} {v}" for k, v in
+                           (c.get("failed_by_error_type") or {}).items())
+        return (f"completed at {done['completed_at']}"
+                + (f" (completion #{done['completions']})" if done["completions"] > 1 else "")
+                + f": {c.get('total', 0)} messages, sent {c.get('sent', 0)}, delivered"
+                  f" {c.get('delivered', 0)}, read {c.get('read', 0)}, failed"
+                  f" {c.get('failed', 0)}" + (f" ({failed})" if failed else "")
+                + f", expired {c.get('expired', 0)}, cancelled {c.get('cancelled', 0)}")
+    if done["reopened_at"]:
+        return (f"open again since {done['reopened_at']} (completed before at"
+                f" {done['completed_at']})")
+    return (f"not complete: last pipeline activity {done['last_activity_at']}"
+            " (complete once none is queued, sending or retrying and it has been quiet)")
 
 
 async def _stats(args: argparse.Namespace, settings: Settings, pool: asyncpg.Pool) -> int:

@@ -13,6 +13,11 @@ of its own.
   attempt (same attempt number).
 - :class:`Park`: no retry (permanent error, budget spent, or manual mode).
 
+Which budget a failure is charged to, and its delays, come from the
+message's :class:`~consumer.delivery.rules.RetryPlan` (retry rules per error
+code); the decisions name the rule that applied, which is recorded with the
+attempt.
+
 A fourth outcome, deferring a message *before* it is sent (``send_at``,
 quiet hours, a daily limit, an open failure domain), needs no decision
 about a failure: see :func:`defer_seconds`.
@@ -23,11 +28,12 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from consumer.delivery.backoff import RetryPolicy, retry_delay, should_retry
+from consumer.delivery.backoff import RetryPolicy, retry_delay
+from consumer.delivery.rules import CEILING, History, RetryPlan
 from consumer.errors import DeliveryError
 from consumer.wire import (
     HEADER_ATTEMPT,
@@ -44,11 +50,16 @@ from consumer.wire import (
 # most 1,000 characters of error text; more can only come from a publisher).
 LAST_ERROR_BYTES = 8 * 1024
 
+# Two decisions are equal when they do the same thing; the rule that led to one
+# and the budget's count are for the record (compare=False).
+
 
 @dataclass(frozen=True)
 class Retry:
     delay_s: int
     attempt: int  # the attempt number of the copy sent again
+    rule: str | None = field(default=None, compare=False)
+    used: int = field(default=0, compare=False)  # the budget's count with this failure
 
     kind = "retry"
 
@@ -57,12 +68,18 @@ class Retry:
 class Pause:
     delay_s: int
     attempt: int  # unchanged: the attempt is not charged
+    rule: None = field(default=None, compare=False)  # no budget is charged
 
     kind = "pause"
 
 
 @dataclass(frozen=True)
 class Park:
+    # permanent | manual | budget | ceiling
+    reason: str = field(default="permanent", compare=False)
+    rule: str | None = field(default=None, compare=False)
+    used: int = field(default=0, compare=False)
+
     kind = "park"
 
 
@@ -79,25 +96,41 @@ def decide(
     *,
     attempt: int,
     base: int,
-    policy: RetryPolicy,
+    policy: RetryPolicy | None = None,
+    plan: RetryPlan | None = None,
+    history: History | None = None,
     pause_s: float | None = None,
     rng: random.Random | None = None,
 ) -> Decision:
     """The decision for attempt ``attempt`` that failed with ``error``.
 
-    ``base``: attempts made before the last replay with a fresh budget (the
-    budget counts ``attempt - base``). ``pause_s``: when the message's failure
-    domain is open (or the error is provider-wide), how long until it probes
-    again; such a failure is a :class:`Pause`, never charged.
+    ``base``: attempts made before the last replay with a fresh budget (budgets
+    count from there). ``plan``: the message's retry rules and fields (or, for
+    a plan without rules, ``policy``); ``history``: its earlier failed attempts
+    since the base by (error_type, code), which the plan needs when
+    :meth:`RetryPlan.needs_history` says so. ``pause_s``: when the message's
+    failure domain is open (or the error is provider-wide), how long until it
+    probes again; such a failure is a :class:`Pause`, never charged.
     """
     if error.provider_wide or pause_s is not None:
         wait = max(pause_s or 0.0, error.retry_after or 0.0)
         return Pause(whole_seconds(wait), attempt)
-    used = max(1, attempt - base)
-    if should_retry(used, policy, error.retryable):
-        return Retry(retry_delay(used, policy, retry_after=error.retry_after, rng=rng),
-                     attempt + 1)
-    return Park()
+    if plan is None:
+        if policy is None:
+            raise TypeError("decide() needs a plan or a policy")
+        plan = RetryPlan.of(policy)
+    if not error.retryable:
+        return Park("permanent")
+    if plan.mode != "auto":
+        return Park("manual")
+    budget, used = plan.charge(error.error_type.value, error.code, attempt=attempt,
+                               base=base, history=history)
+    if used >= budget.policy.max_attempts:
+        return Park("budget", budget.label, used)
+    if attempt - base >= CEILING:
+        return Park("ceiling", budget.label, used)
+    return Retry(retry_delay(used, budget.policy, retry_after=error.retry_after, rng=rng),
+                 attempt + 1, budget.label, used)
 
 
 def defer_seconds(due_at: datetime, now: datetime) -> int:

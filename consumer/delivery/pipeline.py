@@ -33,7 +33,6 @@ from pydantic import ValidationError
 
 from consumer import metrics
 from consumer.delivery import quota
-from consumer.delivery.backoff import RetryPolicy
 from consumer.delivery.decision import (
     Park,
     Pause,
@@ -45,6 +44,7 @@ from consumer.delivery.decision import (
 )
 from consumer.delivery.outage import outage_key
 from consumer.delivery.recipients import validate_recipient
+from consumer.delivery.rules import RetryPlan
 from consumer.errors import DeliveryError, ErrorType, Unstorable
 from consumer.parking.park import park
 from consumer.providers.base import Provider
@@ -57,7 +57,7 @@ from consumer.store import (
     Store,
     is_data_error,
     is_transient_db_error,
-    resolve_policy,
+    retry_plan,
 )
 from consumer.text import storable
 from consumer.wire import PER_ATTEMPT, CopyHeaders, read_copy_headers
@@ -243,7 +243,6 @@ class Pipeline:
             # Campaign traffic published on the transactional key moves to its lane.
             return await self._divert(message, request, headers, copy, lane)
 
-        policy = self._resolve(request, campaign)
         # A first attempt counts from the last fresh budget (only those feed outage
         # detection and take a campaign's first-attempt quota).
         first = used_first(copy)
@@ -273,7 +272,7 @@ class Pipeline:
             return Outcome("duplicate", request.message_id, attempt)
         try:
             return await self._send_and_settle(message, request, headers, copy, claim,
-                                               policy, domain, first, lane)
+                                               campaign, domain, first, lane)
         except Unstorable as exc:
             # Every step after the send deals with a refusal itself; one that got
             # here must not be taken for a refusal before the send (that parks).
@@ -286,7 +285,7 @@ class Pipeline:
         headers: dict[str, Any],
         copy: CopyHeaders,
         claim: Claim,
-        policy: RetryPolicy,
+        campaign: Campaign | None,
         domain: str,
         first: bool,
         lane: str,
@@ -351,9 +350,18 @@ class Pipeline:
         if self.hooks is not None:
             pause_s = self.hooks.failed(channel, domain, error, first=first,
                                         key=outage_key(request))
-        decision = decide(error, attempt=attempt, base=base, policy=policy, pause_s=pause_s)
+        # Built on failures only: a success never pays for the retry rules.
+        plan = await self._plan(request, campaign)
+        history = None
+        if error.retryable and pause_s is None and not error.provider_wide \
+                and plan.needs_history(attempt=attempt, base=base):
+            # Only a failure after another since the base pays for this query.
+            history = await self._infra("database", lambda: self.store.failure_history(
+                request.message_id, base=base, before=attempt))
+        decision = decide(error, attempt=attempt, base=base, plan=plan, history=history,
+                          pause_s=pause_s)
         if isinstance(decision, Park):
-            return await self._park(message, request, error, attempt_made)
+            return await self._park(message, request, error, attempt_made, decision)
         return await self._send_again(message, request, headers, copy, error, decision,
                                       attempt_made)
 
@@ -364,16 +372,10 @@ class Pipeline:
         return await self._infra("database", lambda: self.store.campaign(campaign_id),
                                  before_send=True)
 
-    def _resolve(self, request: SendRequest, campaign: Campaign | None) -> RetryPolicy:
-        spec = request.retry
-        return resolve_policy(
-            self.settings,
-            campaign,
-            max_attempts=spec.max_attempts if spec else None,
-            base_delay_s=spec.base_delay_s if spec else None,
-            max_delay_s=spec.max_delay_s if spec else None,
-            mode=spec.mode if spec else None,
-        )
+    async def _plan(self, request: SendRequest, campaign: Campaign | None) -> RetryPlan:
+        book = await self._infra("database", self.store.rule_book)
+        return retry_plan(self.settings, channel=request.channel, spec=request.retry,
+                          campaign_id=request.campaign_id, campaign=campaign, book=book)
 
     async def _take_quota(
         self, campaign: Campaign, message_id: str, window: ZoneInfo, now: datetime, *,
@@ -478,7 +480,9 @@ class Pipeline:
             error = DeliveryError(error.error_type, f"{error.message} (and the copy for"
                                   f" another attempt was refused: {exc.reason})",
                                   code=error.code, retryable=False)
-            return await self._park(message, request, error, made)
+            return await self._park(message, request, error, made,
+                                    Park("permanent", decision.rule,
+                                         decision.used if isinstance(decision, Retry) else 0))
         outcome: RecordOutcome = "retrying" if isinstance(decision, Retry) else "paused"
         await self._record(
             message_id=request.message_id, attempt=made.attempt, outcome=outcome,
@@ -486,6 +490,7 @@ class Pipeline:
             error_type=error.error_type.value, error_code=error.code,
             error_text=error.message,
             next_attempt_at=self.now() + timedelta(seconds=decision.delay_s),
+            retry_rule=decision.rule,
         )
         if isinstance(decision, Retry):
             metrics.RETRIED.labels(request.channel, error.error_type.value).inc()
@@ -493,7 +498,7 @@ class Pipeline:
                                               str(min(made.attempt, 10))).inc()
             log.info("delivery.retry_scheduled", error_type=error.error_type.value,
                      error_code=error.code, delay_s=decision.delay_s,
-                     error=error.message[:200])
+                     error=error.message[:200], rule=decision.rule, budget_used=decision.used)
             return Outcome("retrying", request.message_id, made.attempt,
                            error.error_type.value)
         metrics.DEFERRED.labels(request.channel, "provider_wide" if error.provider_wide
@@ -508,6 +513,7 @@ class Pipeline:
         request: SendRequest,
         error: DeliveryError,
         made: AttemptMade,
+        decision: Park,
     ) -> Outcome:
         await self._publish_parked(
             message.body, request.channel, request.message_id, made.attempt, error,
@@ -518,10 +524,11 @@ class Pipeline:
             message_id=request.message_id, attempt=made.attempt, outcome="failed",
             started_at=made.started, latency_ms=made.latency_ms, provider=made.provider,
             error_type=error.error_type.value, error_code=error.code,
-            error_text=error.message,
+            error_text=error.message, retry_rule=decision.rule,
         )
         log.warning("delivery.parked", error_type=error.error_type.value,
-                    error_code=error.code, error=error.message[:200])
+                    error_code=error.code, error=error.message[:200], why=decision.reason,
+                    rule=decision.rule)
         return Outcome("parked", request.message_id, made.attempt, error.error_type.value)
 
     async def _record(self, **fields: Any) -> None:

@@ -4,7 +4,7 @@ The original bytes go to ``{prefix}.parked`` with the reason in ``x-herald-*``
 headers (confirmed by the broker), then the copy is indexed in
 ``parked_messages`` for operators, then a notice goes to
 ``{prefix}.notifications`` as ``parked.{channel}.{error_type}`` for whoever
-routes escalations to chat or paging.
+routes escalations to chat or paging (Herald's own: :mod:`consumer.parking.escalation`).
 """
 
 from __future__ import annotations
@@ -99,7 +99,7 @@ async def park(
     notice = json.dumps({
         "parked_id": str(parked_id), "message_id": message_id, "channel": channel,
         "error_type": error.error_type.value, "error_code": error.code,
-        "last_error": error.message[:500], "attempt": attempt,
+        "campaign_id": campaign_id, "last_error": error.message[:500], "attempt": attempt,
         "parked_at": parked_at.isoformat(),
     }).encode()
     # Nobody may be listening for notices yet: an unroutable notice is fine.

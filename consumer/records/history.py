@@ -92,7 +92,7 @@ async def _attempts(conn: Conn, message_id: str) -> list[Entry]:
     entries = []
     for a in await conn.fetch(
             """SELECT attempt, started_at, finished_at, outcome, error_type, error_code,
-                      error_text, latency_ms, provider_message_id
+                      error_text, latency_ms, provider_message_id, retry_rule
                  FROM delivery_attempts WHERE message_id = $1 ORDER BY id""", message_id):
         what = f"attempt {a['attempt']} {a['outcome']}"
         if a["error_type"]:
@@ -101,12 +101,14 @@ async def _attempts(conn: Conn, message_id: str) -> list[Entry]:
             what += f" as {a['provider_message_id']}"
         if a["latency_ms"] is not None:
             what += f" ({a['latency_ms']:.0f} ms)"
+        if a["retry_rule"]:
+            what += f" [{a['retry_rule']}]"
         # At its start: the outcome (and a parking) is recorded after the attempt began.
         entries.append(Entry(a["started_at"], "attempt", what, {
             "attempt": a["attempt"], "outcome": a["outcome"], "finished_at": a["finished_at"],
             "error_type": a["error_type"], "error_code": a["error_code"],
             "error_text": a["error_text"], "latency_ms": a["latency_ms"],
-            "provider_message_id": a["provider_message_id"]}))
+            "provider_message_id": a["provider_message_id"], "retry_rule": a["retry_rule"]}))
     return entries
 
 

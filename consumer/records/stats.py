@@ -25,6 +25,7 @@ import asyncpg
 
 from consumer.logs import mask_recipient
 from consumer.parking.lot import NotFound
+from consumer.records.completion import completion_of
 from consumer.settings import Settings
 from consumer.store import Campaign, Store, resolve_policy
 
@@ -47,7 +48,8 @@ def retry_config(settings: Settings, campaign: Campaign | None) -> dict[str, Any
             ("max_attempts", campaign.max_attempts), ("base_delay_s", campaign.base_delay_s),
             ("max_delay_s", campaign.max_delay_s), ("mode", campaign.retry_mode))
             if value is not None]
-    return asdict(policy) | {"from_campaign": from_campaign}
+    return asdict(policy) | {"from_campaign": from_campaign,
+                             "retry_rules": settings.retry_rules}
 
 
 async def statistics(pool: asyncpg.Pool, settings: Settings, campaign_id: str | None = None,
@@ -93,11 +95,24 @@ async def statistics(pool: asyncpg.Pool, settings: Settings, campaign_id: str | 
                  WHERE a.error_type IS NOT NULL
                        {"AND m.campaign_id = $1" if campaign_id else ""}
                  ORDER BY a.finished_at DESC, a.id DESC LIMIT {int(recent)}""", *params)
+        # The rule each failed attempt was charged to (consumer.delivery.rules).
+        rules = await conn.fetch(
+            f"""SELECT a.retry_rule,
+                       count(*) FILTER (WHERE a.outcome = 'retrying') AS retried,
+                       count(*) FILTER (WHERE a.outcome = 'failed') AS parked,
+                       max(a.finished_at) AS last_at
+                  FROM delivery_attempts a
+                  {"JOIN messages m ON m.message_id = a.message_id" if campaign_id else ""}
+                 WHERE a.retry_rule IS NOT NULL
+                       {"AND m.campaign_id = $1" if campaign_id else ""}
+                 GROUP BY a.retry_rule ORDER BY count(*) DESC, a.retry_rule LIMIT 50""",
+            *params)
         parked = {r["error_type"]: int(r["n"]) for r in await conn.fetch(
             f"""SELECT error_type, count(*) AS n FROM parked_messages
                  WHERE state = 'parked' {"AND campaign_id = $1" if campaign_id else ""}
                  GROUP BY error_type ORDER BY error_type""", *params)}
     attempted = int(first["attempted"])
+    completion = await completion_of(pool, campaign_id) if campaign_id else None
     return {
         "campaign": campaign_id,
         "totals": {"all": sum(totals.values())} | {s: totals.get(s, 0) for s in STATUSES},
@@ -124,6 +139,10 @@ async def statistics(pool: asyncpg.Pool, settings: Settings, campaign_id: str | 
             for r in by_attempt],
         "parked_by_error_type": parked,
         "retry_config": retry_config(settings, campaign),
+        "completion": completion,
+        "rules_applied": [
+            {"rule": r["retry_rule"], "retried": int(r["retried"]), "parked": int(r["parked"]),
+             "last_at": r["last_at"].isoformat()} for r in rules],
         "recent_errors": [
             {"at": r["finished_at"].isoformat(), "message_id": r["message_id"],
              "campaign_id": r["campaign_id"], "attempt": r["attempt"], "outcome": r["outcome"],

@@ -34,6 +34,8 @@ class HttpScript:
 
     fail: int = 0  # fail this many times per message, then succeed
     fail_status: int = 500
+    then_fail: int = 0  # after those, fail this many times more with then_status
+    then_status: int = 500
     retry_after: str | None = None
     status: int | None = None  # always answer this status
     hang: bool = False  # never answer (until the client gives up)
@@ -50,6 +52,8 @@ class HttpScript:
         return cls(
             fail=int(num("fail", 0)),
             fail_status=int(num("fail_status", 500)),
+            then_fail=int(num("then_fail", 0)),
+            then_status=int(num("then_status", 500)),
             retry_after=query.get("retry_after") or None,
             status=int(status) if status else None,
             hang=query.get("hang") in ("1", "true", "yes"),
@@ -127,6 +131,9 @@ class Sandbox:
         elif self._failures[key] < script.fail:
             self._failures[key] += 1
             status = script.fail_status
+        elif self._failures[key] < script.fail + script.then_fail:
+            self._failures[key] += 1
+            status = script.then_status
         else:
             status = 200
         if status >= 300 and script.retry_after is not None:

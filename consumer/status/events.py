@@ -61,7 +61,6 @@ from aio_pika.exceptions import AMQPError, ChannelInvalidStateError
 from pydantic import ValidationError
 
 from consumer import metrics
-from consumer.delivery.backoff import RetryPolicy
 from consumer.delivery.decision import Park, copy_headers, decide
 from consumer.delivery.pipeline import lane_of
 from consumer.errors import DeliveryError, ErrorType
@@ -73,7 +72,7 @@ from consumer.providers.twilio import twilio_rule
 from consumer.providers.whatsapp import whatsapp_rule
 from consumer.publisher import Publisher, Unroutable
 from consumer.settings import Settings
-from consumer.store import Campaign, Store, is_transient_db_error, resolve_policy
+from consumer.store import Store, is_transient_db_error, retry_plan
 from consumer.topology import Names
 from consumer.wire import HEADER_EVENT_ID
 from schemas import ProviderEvent, SendRequest
@@ -128,18 +127,6 @@ def _request(payload: Any) -> SendRequest | None:
         return SendRequest.model_validate(payload)
     except ValidationError:
         return None
-
-
-def _policy(settings: Settings, request: SendRequest | None,
-            campaign: Campaign | None) -> RetryPolicy:
-    spec = request.retry if request is not None else None
-    return resolve_policy(
-        settings, campaign,
-        max_attempts=spec.max_attempts if spec else None,
-        base_delay_s=spec.base_delay_s if spec else None,
-        max_delay_s=spec.max_delay_s if spec else None,
-        mode=spec.mode if spec else None,
-    )
 
 
 def event_item(idx: int, event: ProviderEvent, event_id: str, row_id: int | None = None
@@ -489,16 +476,33 @@ class EventsConsumer:
             campaign = None
             if request is not None and request.campaign_id is not None:
                 campaign = await self.store.campaign(request.campaign_id)
-            policy = _policy(self.settings, request, campaign)
+            plan = retry_plan(self.settings, channel=row["channel"],
+                              spec=request.retry if request is not None else None,
+                              campaign_id=row["campaign_id"], campaign=campaign,
+                              book=await self.store.rule_book())
             pause_s: float | None = None
             if error.provider_wide:
                 pause_s = (self.on_provider_wide(row["channel"], error, request)
                            if self.on_provider_wide is not None else self.settings.pause_base_s)
-            # The retry budget counts from the last replay with a fresh one.
-            base = await conn.fetchval(
-                "SELECT attempt_base FROM messages WHERE message_id = $1", row["message_id"])
-            decision = decide(error, attempt=row["attempts"], base=base or 0, policy=policy,
-                              pause_s=pause_s)
+            # The retry budgets count from the last replay with a fresh one, each the
+            # failures of its kind since then (consumer.delivery.rules).
+            found = await conn.fetchrow(
+                """SELECT m.attempt_base,
+                          (SELECT COALESCE(jsonb_agg(jsonb_build_array(t.error_type,
+                                                     t.error_code, t.n)), '[]'::jsonb)
+                             FROM (SELECT a.error_type, a.error_code, count(*) AS n
+                                     FROM delivery_attempts a
+                                    WHERE a.message_id = m.message_id
+                                      AND a.attempt > m.attempt_base AND a.attempt < $2
+                                      AND a.outcome IN ('retrying', 'failed')
+                                      AND a.error_type IS NOT NULL
+                                    GROUP BY 1, 2) t) AS history
+                     FROM messages m WHERE m.message_id = $1""",
+                row["message_id"], row["attempts"])
+            base = found["attempt_base"] if found is not None else 0
+            history = {(t, c): int(n) for t, c, n in (found["history"] if found else [])}
+            decision = decide(error, attempt=row["attempts"], base=base or 0, plan=plan,
+                              history=history, pause_s=pause_s)
             delay = 0 if isinstance(decision, Park) else decision.delay_s
             next_at = datetime.now(UTC) + timedelta(seconds=delay) if delay else None
             outcome = {"retry": "retrying", "pause": "paused", "park": "failed"}[decision.kind]
@@ -510,6 +514,7 @@ class EventsConsumer:
                 "error_type": error.error_type.value, "error_code": error.code,
                 "error_text": error.message[:2000],
                 "next_attempt_at": None if next_at is None else next_at.isoformat(),
+                "retry_rule": decision.rule,
             })
             actions.append({
                 "event_row": row["row_id"], "message_id": row["message_id"],
@@ -528,7 +533,8 @@ class EventsConsumer:
             ):
                 log.info("events.failure_reported", provider=row["provider"],
                          error_type=error.error_type.value, error_code=error.code,
-                         decision=decision.kind, delay_s=delay)
+                         decision=decision.kind, delay_s=delay,
+                         rule=decision.rule)
         await conn.fetch("SELECT * FROM herald_record_batch($1::text::jsonb)",
                          json.dumps(records))
         ids = await conn.fetch(

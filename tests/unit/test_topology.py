@@ -276,7 +276,7 @@ def test_everything_in_design_section_4_is_declared(topology: Topology) -> None:
         assert f"{PREFIX}.send.{channel}.bulk" in queues  # campaign lane (issue #6)
     assert {f"{PREFIX}.parked", f"{PREFIX}.events"} <= queues
     assert all(q["arguments"]["x-queue-type"] == "quorum" for q in topology.queues)
-    assert len(queues) == len(topology.queues) == 2 * len(CHANNELS) + DELAY_LEVELS + 2
+    assert len(queues) == len(topology.queues) == 2 * len(CHANNELS) + DELAY_LEVELS + 3
     assert len(exchanges) == len(topology.exchanges)
     assert all(name == PREFIX or name.startswith(f"{PREFIX}.") for name in exchanges)
     assert all(name.startswith(f"{PREFIX}.") for name in queues)
@@ -358,3 +358,11 @@ def test_definitions_use_the_given_vhost(topology: Topology) -> None:
 def test_topology_is_the_same_every_time() -> None:
     """Declaring is idempotent only if the arguments never change between runs."""
     assert Topology(Names(PREFIX)).definitions() == Topology(Names(PREFIX)).definitions()
+
+
+def test_parking_notices_reach_the_escalation_queue_and_completions_do_not(
+    broker: Broker,
+) -> None:
+    notices = f"{PREFIX}.notifications"
+    assert broker.route(notices, "parked.sms.invalid_recipient") == [f"{PREFIX}.escalations"]
+    assert broker.route(notices, "campaign.completed") == []

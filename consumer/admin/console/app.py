@@ -49,7 +49,8 @@ from consumer.parking.lot import (
 )
 from consumer.parking.passes import LotBusy
 from consumer.parking.replay import Edit, ReplayOptions, edited_body, replay
-from consumer.records import campaigns
+from consumer.records import campaigns, escalations
+from consumer.records.completion import completion_of, completions
 from consumer.records.history import load_status
 from consumer.records.stats import campaign_overview, recent_flow, statistics
 from consumer.settings import Settings
@@ -317,6 +318,7 @@ class Console:
         r.add_get("/campaigns", self.campaigns_page)
         r.add_get(r"/campaigns/{id}", self.campaign_page)
         r.add_post(r"/campaigns/{id}/targets", self.campaign_targets)
+        r.add_get("/escalations", self.escalations_page)
         return app
 
     # -- plumbing ------------------------------------------------------------------------
@@ -750,9 +752,10 @@ class Console:
         limits = await campaigns.targets(self.pool, ids)
         async with self.pool.acquire() as conn:
             parked = await parked_totals(conn, "campaign_id")
+        done = await completions(self.pool, ids)
         rows = [{"id": c, "figures": figures[c], "usage": usage.get(c),
                  "targets": limits.get(c), "verdict": campaigns.judge(figures[c], limits.get(c)),
-                 "parked": parked.get(c, 0)} for c in ids]
+                 "parked": parked.get(c, 0), "done": done.get(c)} for c in ids]
         return self.render(request, "campaigns.html", rows=rows)
 
     async def campaign_page(self, request: web.Request) -> web.Response:
@@ -765,7 +768,15 @@ class Console:
         figures["recent_errors"] = mask_tree(figures["recent_errors"])
         return self.render(request, "campaign.html", campaign_id=campaign_id, row=row,
                            stats=figures, overview=overview, usage=usage, targets=limits,
-                           verdict=campaigns.judge(overview, limits))
+                           verdict=campaigns.judge(overview, limits),
+                           done=await completion_of(self.pool, campaign_id))
+
+    async def escalations_page(self, request: web.Request) -> web.Response:
+        """Who is told about parked messages, and the latest digests (read only: rules
+        are added with ``herald escalation add`` or the admin API)."""
+        found = await escalations.listing(self.pool)
+        return self.render(request, "escalations.html", rules=found["rules"],
+                           digests=found["digests"])
 
     async def campaign_targets(self, request: web.Request) -> web.StreamResponse:
         session = self._operator(request)
