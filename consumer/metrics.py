@@ -56,6 +56,10 @@ INFRA_RETRIES = Counter(
     "Database or broker operations retried because the service was unreachable",
     ["component"],
 )
+PREFETCH = Gauge(
+    "herald_prefetch", "The prefetch a lane's consumer runs with (found by the lane itself"
+    " unless the channel has a rate)", ["channel", "lane"]
+)
 CONSUMERS_ACTIVE = Gauge(
     "herald_channel_consumer_active", "1 when the channel's queue is being consumed", ["channel"]
 )

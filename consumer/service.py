@@ -157,7 +157,8 @@ class Service:
         await declare_channel.close()
         self.publisher = Publisher(self.connection, self.names)
 
-        connector = aiohttp.TCPConnector(limit=max(100, s.prefetch * 2), limit_per_host=0,
+        connector = aiohttp.TCPConnector(limit=max(100, s.prefetch * 2, s.prefetch_max * 3 // 2),
+                                         limit_per_host=0,
                                          enable_cleanup_closed=True)
         self.session = aiohttp.ClientSession(
             connector=connector, cookie_jar=aiohttp.DummyCookieJar(),
@@ -174,8 +175,11 @@ class Service:
         if "senders" not in self.roles:
             active = []
         for channel in active:
+            # A channel with a rate keeps its prefetch: the rate, not the
+            # provider's latency, bounds what it has in flight.
             consumer = ChannelControl(self.connection, self.names, channel, self.pipeline,
-                                      s.prefetch)
+                                      s.prefetch,
+                                      None if s.rate_for(channel) else s.prefetch_max)
             await consumer.start()
             self.channels.add(consumer)
             metrics.CHANNEL_RATE.labels(channel).set(s.rate_for(channel) or 0)

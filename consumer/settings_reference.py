@@ -46,12 +46,14 @@ SECTIONS: list[tuple[str, list[tuple[str, str]]]] = [
          "under 16 characters stops start-up. Unset: neither is served."),
     ]),
     ("Delivery and retries", [
-        ("HERALD_PREFETCH", "Messages each channel consumer holds unacknowledged at once: "
-         "bounds memory and the number of sends in flight."),
-        ("HERALD_PREFETCH_MAX", "The most messages a lane may hold in flight when it finds "
-         "that more help (slow providers: see consumer/delivery/inflight.py). Worst-case "
-         "memory is that many request bodies. A channel with a configured rate keeps "
-         "HERALD_PREFETCH."),
+        ("HERALD_PREFETCH", "Messages a channel's main lane holds unacknowledged at first "
+         "(the bulk lane half as many); the least it ever holds. A lane raises it while "
+         "more in flight raises its throughput (slow providers), up to HERALD_PREFETCH_MAX; "
+         "a channel with a configured rate keeps it."),
+        ("HERALD_PREFETCH_MAX", "The most messages a main lane may hold in flight when it "
+         "finds that more help (the bulk lane half as many; see "
+         "consumer/delivery/inflight.py). Worst-case memory is that many request bodies; "
+         "the herald_prefetch gauge shows what each lane runs with."),
         ("HERALD_SEND_TIMEOUT_S", "Deadline of one provider call, in seconds. A consumer "
          "that dies mid-send is presumed gone after this plus 5 s."),
         ("HERALD_MAX_ATTEMPTS", "Default number of attempts, counting the first, before a "

@@ -7,7 +7,10 @@ other. A :class:`ChannelControl` holds what the lanes share: whether the
 channel is paused (see :mod:`consumer.delivery.registry`).
 
 Each delivery runs in a task of its own, kept in a set (never
-fire-and-forget); the broker's prefetch bounds how many exist at once.
+fire-and-forget); the broker's prefetch bounds how many exist at once. A
+lane of a channel without a configured rate finds its prefetch itself,
+between ``HERALD_PREFETCH`` and ``HERALD_PREFETCH_MAX``
+(:mod:`consumer.delivery.inflight`): slow providers need more in flight.
 Stopping cancels the consumers first (no new work), waits up to a grace
 period for the tasks in flight, then cancels the rest, which leaves their
 messages unacked for the broker to requeue.
@@ -28,6 +31,7 @@ from aio_pika.abc import (
 )
 
 from consumer import metrics
+from consumer.delivery.inflight import InFlight
 from consumer.delivery.pipeline import Pipeline
 from consumer.topology import LANES, Names
 
@@ -45,6 +49,7 @@ class LaneConsumer:
         lane: str,
         pipeline: Pipeline,
         prefetch: int,
+        ceiling: int | None = None,
     ) -> None:
         self.connection = connection
         self.queue_name = names.send_queue(channel_name, lane)
@@ -57,6 +62,14 @@ class LaneConsumer:
         self._amqp_channel: AbstractChannel | None = None
         self._queue: AbstractQueue | None = None
         self._consumer_tag: str | None = None
+        # ceiling None: the prefetch stays as configured (a rate bounds the lane).
+        self._adapt = InFlight(prefetch, ceiling) if ceiling and ceiling > prefetch else None
+        self._adapt_task: asyncio.Task[None] | None = None
+        self.full_speed = True  # False while the channel is paused or probing
+        self._qos: int | None = None  # the prefetch the current consumer started with
+        self._lock = asyncio.Lock()  # consuming, cancelling and re-consuming
+        self._prefetch_gauge = metrics.PREFETCH.labels(channel_name, lane)
+        self._prefetch_gauge.set(prefetch)
 
     @property
     def consuming(self) -> bool:
@@ -65,21 +78,71 @@ class LaneConsumer:
     async def start(self) -> None:
         self._amqp_channel = await self.connection.channel(publisher_confirms=False)
         await self._amqp_channel.set_qos(prefetch_count=self.prefetch)
+        self._qos = self.prefetch
         # declare_queue (passive), not get_queue: only queues declared on a robust
         # channel are re-attached, with their consumer, after a broker restart.
         self._queue = await self._amqp_channel.declare_queue(self.queue_name, passive=True)
         await self.consume()
+        if self._adapt is not None:
+            self._adapt_task = asyncio.create_task(self._adapt_prefetch(self._adapt),
+                                                   name=f"prefetch-{self.queue_name}")
+
+    async def _adapt_prefetch(self, adapt: InFlight) -> None:
+        """Every period, let the controller move the prefetch (at full speed only)."""
+        loop = asyncio.get_running_loop()
+        paused = False
+        while True:
+            await asyncio.sleep(adapt.period_s)
+            now = loop.time()
+            if not self.full_speed:
+                paused = True
+                continue
+            if paused:
+                paused = False
+                adapt.restart(now)
+                continue
+            changed = adapt.tick(now)
+            if changed is None:
+                continue
+            self.prefetch = changed
+            self._prefetch_gauge.set(changed)
+            try:
+                applied = await self.set_prefetch(changed)
+            except Exception as exc:  # the channel is being replaced: resumed with it
+                log.warning("consumer.prefetch_failed", queue=self.queue_name, error=repr(exc))
+            else:
+                if applied:
+                    log.info("consumer.prefetch", queue=self.queue_name, prefetch=changed)
 
     async def consume(self, prefetch: int | None = None) -> None:
+        """Consume (again), with ``prefetch`` when given."""
+        async with self._lock:
+            await self._consume(prefetch)
+
+    async def _consume(self, prefetch: int | None) -> None:
         assert self._queue is not None and self._amqp_channel is not None
-        if prefetch is not None:
+        if prefetch is not None and prefetch != self._qos:
             await self._amqp_channel.set_qos(prefetch_count=prefetch)
+            self._qos = prefetch
+            if self._consumer_tag is not None:
+                # A quorum queue applies a prefetch only to consumers that start
+                # after it (and has no channel-wide one): consume again. What the
+                # old consumer holds stays with this channel, acked as usual.
+                tag, self._consumer_tag = self._consumer_tag, None
+                await self._queue.cancel(tag)
         if self._consumer_tag is None:
             self._consumer_tag = await self._queue.consume(self._on_message)
 
-    async def set_prefetch(self, prefetch: int) -> None:
-        if self._amqp_channel is not None and not self._amqp_channel.is_closed:
-            await self._amqp_channel.set_qos(prefetch_count=prefetch)
+    async def set_prefetch(self, prefetch: int) -> bool:
+        """Run with ``prefetch`` from now on, if consuming at full speed (a paused
+        or probing lane takes ``self.prefetch`` when it resumes). Whether it did."""
+        async with self._lock:
+            if not self.full_speed or self._consumer_tag is None:
+                return False
+            if self._amqp_channel is None or self._amqp_channel.is_closed:
+                return False
+            await self._consume(prefetch)
+            return True
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
         # The delivery runs in a task of our own, shielded from aio-pika's: when the
@@ -93,6 +156,9 @@ class LaneConsumer:
 
     async def _process(self, message: AbstractIncomingMessage) -> None:
         self._in_flight.inc()
+        adapt = self._adapt
+        if adapt is not None:
+            adapt.sample(asyncio.get_running_loop().time(), len(self.tasks))
         try:
             await self.pipeline.process(message, self.channel_name, self.lane)
         except Exception as exc:
@@ -105,14 +171,20 @@ class LaneConsumer:
                 await message.nack(requeue=True)
         finally:
             self._in_flight.dec()
+            if adapt is not None:
+                adapt.completed()
+                # This task leaves the set just after (its done callback).
+                adapt.sample(asyncio.get_running_loop().time(), len(self.tasks) - 1)
 
     async def stop_consuming(self) -> None:
-        if self._queue is not None and self._consumer_tag is not None:
-            try:
-                await self._queue.cancel(self._consumer_tag)
-            except Exception as exc:
-                log.warning("consumer.cancel_failed", queue=self.queue_name, error=repr(exc))
-        self._consumer_tag = None
+        async with self._lock:
+            if self._queue is not None and self._consumer_tag is not None:
+                try:
+                    await self._queue.cancel(self._consumer_tag)
+                except Exception as exc:
+                    log.warning("consumer.cancel_failed", queue=self.queue_name,
+                                error=repr(exc))
+            self._consumer_tag = None
 
     async def drain(self, grace_s: float) -> int:
         """Wait for in-flight work up to ``grace_s``; cancel what is left. Returns that count."""
@@ -126,6 +198,11 @@ class LaneConsumer:
         return len(left)
 
     async def close(self) -> None:
+        if self._adapt_task is not None:
+            self._adapt_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._adapt_task
+            self._adapt_task = None
         if self._amqp_channel is not None and not self._amqp_channel.is_closed:
             try:
                 await self._amqp_channel.close()
@@ -152,13 +229,16 @@ class ChannelControl:
         channel_name: str,
         pipeline: Pipeline,
         prefetch: int,
+        ceiling: int | None = None,
     ) -> None:
         self.channel_name = channel_name
         self.prefetch = prefetch
         # Campaign traffic gets half the in-flight budget, so a burst of it cannot
         # crowd out the event loop that transactional messages also need.
         self.lanes = [LaneConsumer(connection, names, channel_name, lane, pipeline,
-                                   prefetch if lane == "main" else max(1, prefetch // 2))
+                                   *((prefetch, ceiling) if lane == "main" else
+                                     (max(1, prefetch // 2),
+                                      None if ceiling is None else max(1, ceiling // 2))))
                       for lane in LANES]
         self.mode = "running"  # running | paused | probing
         self.reason: str | None = None
@@ -200,6 +280,7 @@ class ChannelControl:
             previous.cancel()
         async with self._control:
             for lane in self.lanes:
+                lane.full_speed = False
                 await lane.stop_consuming()
             metrics.CONSUMERS_ACTIVE.labels(self.channel_name).set(0)
         await asyncio.sleep(wait_s)
@@ -234,6 +315,7 @@ class ChannelControl:
                 return
             for lane in self.lanes:
                 await lane.consume(prefetch=lane.prefetch)
+                lane.full_speed = True
             metrics.CONSUMERS_ACTIVE.labels(self.channel_name).set(1)
 
     async def stop_consuming(self) -> None:
@@ -241,6 +323,7 @@ class ChannelControl:
         if self._resume_task is not None:
             self._resume_task.cancel()
         for lane in self.lanes:
+            lane.full_speed = False
             await lane.stop_consuming()
         metrics.CONSUMERS_ACTIVE.labels(self.channel_name).set(0)
 

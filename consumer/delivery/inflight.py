@@ -7,8 +7,12 @@ the same 256 already keep the CPU busy and more would only add queueing. So no
 fixed prefetch suits both, and :class:`InFlight` searches for the right one
 while the lane runs:
 
-- every ``period_s`` it looks at the deliveries completed and at how full the
-  lane was (the mean number in flight over the period, against the prefetch);
+- every period it looks at the deliveries completed and at how full the
+  lane was (the mean number in flight over the period, against the prefetch).
+  A period lasts ``latencies`` times the time a message spends in flight (by
+  Little's law, that mean load over the throughput), within ``min_period_s``
+  and ``max_period_s``: long enough for a step to show in the throughput,
+  short enough that a burst of a few thousand messages still benefits;
 - a lane that was *saturated* (at least ``saturated`` of its prefetch in use)
   grows its prefetch by ``growth`` while each step raises the throughput by at
   least ``gain``; a step that did not pay is taken back, and the lane holds
@@ -30,7 +34,10 @@ from dataclasses import dataclass
 class InFlight:
     floor: int
     ceiling: int
-    period_s: float = 2.0
+    period_s: float = 0.5  # the current period (the first is this long)
+    min_period_s: float = 0.25
+    max_period_s: float = 2.0
+    latencies: float = 5.0
     growth: float = 1.5
     gain: float = 1.10
     saturated: float = 0.8
@@ -60,6 +67,15 @@ class InFlight:
     def completed(self, count: int = 1) -> None:
         self._completed += count
 
+    def restart(self, now: float) -> None:
+        """Forget the period under way and any step being judged (the lane was
+        paused, so neither says anything about the load); keep the prefetch."""
+        self._period_start = now
+        self._last_change = now
+        self._completed = 0
+        self._load_area = 0.0
+        self._previous = None
+
     def tick(self, now: float) -> int | None:
         """At the end of a period: the new prefetch, or None to keep it."""
         if self._period_start is None:
@@ -72,6 +88,9 @@ class InFlight:
         self.sample(now, self._in_flight)
         rate = self._completed / elapsed
         mean_load = self._load_area / elapsed
+        if rate > 0:
+            self.period_s = min(self.max_period_s,
+                                max(self.min_period_s, self.latencies * mean_load / rate))
         self._period_start, self._completed, self._load_area = now, 0, 0.0
         if self._previous is not None:
             # Judge the last step: did the throughput follow?

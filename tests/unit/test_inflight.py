@@ -58,6 +58,33 @@ def test_the_ceiling_bounds_it() -> None:
 def test_a_step_that_does_not_pay_is_retried_after_the_hold() -> None:
     ctl = InFlight(floor=100, ceiling=1000, hold_s=10.0)
     seen = run(ctl, latency_s=0.1, cpu_cap=1000, periods=30)  # 100 in flight is enough
-    growths = [b for a, b in pairwise(seen) if b > a]
+    growths = [b for a, b in pairwise([100, *seen]) if b > a]
     assert 2 <= len(growths) <= 8, seen  # tried now and then, never kept
     assert seen[-1] in (100, 151)
+
+
+def test_the_period_follows_the_time_in_flight() -> None:
+    """Five times a message's time in flight (Little's law: load over throughput),
+    within the bounds: a burst of a few thousand slow messages still sees the
+    prefetch grow, and fast work is judged over a quarter of a second."""
+    slow = InFlight(floor=256, ceiling=4096)
+    run(slow, latency_s=0.2, cpu_cap=3000, periods=3)
+    assert abs(slow.period_s - 1.0) < 0.05, slow.period_s
+    fast = InFlight(floor=256, ceiling=4096)
+    run(fast, latency_s=0.001, cpu_cap=100_000, periods=3)
+    assert fast.period_s == fast.min_period_s
+    stuck = InFlight(floor=256, ceiling=4096)
+    run(stuck, latency_s=30.0, cpu_cap=3000, periods=3)
+    assert stuck.period_s == stuck.max_period_s
+
+
+def test_a_pause_forgets_the_step_being_judged() -> None:
+    ctl = InFlight(floor=100, ceiling=1000)
+    ctl.tick(0.0)
+    ctl.sample(0.0, 100)
+    ctl.completed(500)
+    assert ctl.tick(0.5) == 151  # a step, to be judged at the next tick
+    ctl.restart(60.0)  # the lane was paused a minute: nothing completed meanwhile
+    ctl.sample(60.0, 151)
+    ctl.completed(755)
+    assert ctl.tick(60.5) is not None and ctl.current > 151  # judged on the new period only
