@@ -25,7 +25,7 @@ from tests.conftest import RunningSandbox, SandboxServices
 from tests.helpers import publish_all, request, wait_for
 from tests.integration.test_admin import VIEWER_TOKEN, Admin, admin
 from tests.integration.test_retry_rules import herald_cli
-from tests.integration.test_webhooks import HeraldFactory, start_herald
+from tests.integration.test_webhooks import HeraldFactory, metric, start_herald
 
 __all__ = ["admin", "start_herald"]  # the fixtures, used here too
 
@@ -146,6 +146,7 @@ async def test_a_digest_reaches_an_sms_number_through_the_sandboxs_twilio(
     monkeypatch.setattr(Escalator, "tick_s", 0.2)
     monkeypatch.setattr(Escalator, "rules_cache_s", 0.0)
     lead = "+15550001111"
+    digests_before = metric("herald_escalation_digests_total", target_channel="sms")
     await add_rules(db_url, escalations.EscalationSpec(
         "sms-lead", "sms", lead, window_s=2, campaign_id="autumn"))
     await start_herald(sandbox_port=int(sandbox.base_url.rsplit(":", 1)[1]),
@@ -181,6 +182,8 @@ async def test_a_digest_reaches_an_sms_number_through_the_sandboxs_twilio(
     assert rows and {(r["channel"], r["campaign_id"]) for r in rows} == {
         ("sms", ESCALATION_CAMPAIGN)}
     assert {r["status"] for r in rows} <= {"sent", "delivered"}  # the sandbox reports it
+    assert metric("herald_escalation_digests_total", target_channel="sms") \
+        - digests_before == len(rows)
 
 
 def _parked_in(text: str) -> int:
@@ -268,7 +271,9 @@ async def test_a_notice_delivered_again_is_not_counted_twice(
             queue_messages.append(message)
         # Counted once; the escalation's own notice and the junk not at all; the one
         # the database cannot store is dropped alone.
+        before = metric("herald_escalation_counted_total")
         assert await escalator.count(queue_messages) == 1
+        assert metric("herald_escalation_counted_total") - before == 1
         assert await db.fetchval("SELECT sum(parked) FROM escalation_digests") == 1
         assert await db.fetchval("SELECT campaign_id FROM escalation_counts") == "c"
         assert await queue.get(fail=False, timeout=1) is None  # all acked
