@@ -166,3 +166,18 @@ CHANNEL_RATE = Gauge(
     "Sends per second a channel is allowed now (adaptive; 0 means unlimited)",
     ["channel"],
 )
+
+# -- escalation and campaigns (consumer.parking.escalation, consumer.records.completion) --
+ESCALATION_COUNTED = Counter(
+    "herald_escalation_counted_total",
+    "Parked messages counted into an escalation window, once per rule that selects them",
+)
+ESCALATION_DIGESTS = Counter(
+    "herald_escalation_digests_total",
+    "Digests of parked messages published to people, by the channel that reaches them",
+    ["target_channel"],
+)
+CAMPAIGNS_COMPLETED = Counter(
+    "herald_campaigns_completed_total",
+    "Campaigns judged complete (a reopened campaign that completes again counts again)",
+)

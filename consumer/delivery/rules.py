@@ -297,29 +297,43 @@ def _seconds(value: float | None) -> str:
 
 
 # Where Herald differs from the per-code table of the SMS system it replaces
-# (code, legacy, Herald, why); docs/retry-rules.md shows it.
+# (code, legacy, Herald, why), each code checked against Twilio's error
+# reference; docs/retry-rules.md shows it, and tests/unit/test_retry_rules.py
+# checks the Herald column against what the code does.
 LEGACY: tuple[tuple[str, str, str, str], ...] = (
     ("30001 queue overflow", "3 retries from 60 s", "3 retries from 60 s, up to 15 min",
-     "Agrees; the delay grows, because an overflowing queue takes minutes to drain."),
+     "Agrees on the count. Twilio queues up to 10 hours of a sender's traffic at its "
+     "rate (one segment a second for a US long code) and fails the overflow, so the "
+     "delay grows: the queue takes minutes to drain."),
     ("30002 account suspended", "3 retries from 120 s",
      "paused, never charged; the channel waits and alerts",
-     "It is true of every message: retries would burn every message's budget."),
+     "Twilio suspended the account (funds, policy) after queueing: true of every "
+     "message, so retries would burn every message's budget while a person fixes the "
+     "account."),
     ("30003 handset unreachable", "2 retries from 300 s", "2 retries an hour apart",
-     "A handset that is off or out of coverage stays so for hours more often than for "
-     "minutes; two tries five minutes apart usually both fail."),
+     "Twilio: the handset is off, out of coverage or roaming, which is temporary but "
+     "lasts hours more often than minutes; two tries five minutes apart usually both "
+     "fail."),
     ("30004 message blocked", "2 retries from 180 s", "never",
-     "The recipient or its carrier blocks the sender; the same answer comes back, and "
-     "each try is billed."),
+     "Twilio: the destination is blocked from receiving it (a blocklist, a STOP, a "
+     "do-not-disturb registry, carrier filtering); the same answer comes back, each try "
+     "is billed, and an opted-out person must not be messaged again."),
     ("30005 unknown handset", "2 retries from 120 s (everything else)", "never",
-     "The number does not exist at the carrier."),
-    ("30006 landline or unreachable carrier", "never", "never", "Agrees."),
+     "The number is unknown or no longer in service at the carrier."),
+    ("30006 landline or unreachable carrier", "never", "never",
+     "Agrees: Twilio says not to retry an SMS to a landline."),
     ("30007 carrier filtering", "never", "never",
-     "Agrees: the content needs review, not another try."),
+     "Agrees: filtered as spam or against policy; the content needs review, not another "
+     "try."),
     ("30008 unknown error", "never", "1 retry after 5 min",
-     "Twilio documents it as unknown and possibly transient; one capped retry recovers "
-     "the transient ones at the cost of one message."),
-    ("21211 invalid To", "never", "never", "Agrees."),
-    ("21214 To cannot be reached", "never", "never", "Agrees."),
+     "Twilio gives no cause and suggests trying again; one capped retry recovers the "
+     "transient ones at the cost of one message."),
+    ("21211 invalid To", "never", "never",
+     "Agrees: the number is malformed (not E.164) and stays so."),
+    ("21214 To cannot be reached", "never", "never (as any unknown code)",
+     "Agrees. Twilio documents 21214 for outbound calls, not messages, so Herald has no "
+     "entry for it: at send time it is an unknown 4xx (invalid_request), reported after "
+     "acceptance an unknown code (other), both parked at once."),
     ("21610 opted out (STOP)", "never", "never",
      "Agrees; no rule can make it retryable."),
     ("21614 To not SMS-capable", "2 retries from 120 s (everything else)", "never",

@@ -44,6 +44,7 @@ from aio_pika.abc import (
 )
 from pydantic import ValidationError
 
+from consumer import metrics
 from consumer.publisher import Publisher
 from consumer.store import is_transient_db_error
 from consumer.text import printable
@@ -283,6 +284,7 @@ class Escalator:
                           "error_type": notice.error_type, "campaign_id": notice.campaign_id})
         counted = await self._write(items) if items and await self._any_rules() else 0
         await _ack(messages)
+        metrics.ESCALATION_COUNTED.inc(counted)
         return counted
 
     async def _write(self, items: list[dict[str, Any]]) -> int:
@@ -334,6 +336,7 @@ class Escalator:
                 """UPDATE escalation_digests SET state = 'sent', sent_at = now()
                     WHERE rule_id = $1 AND window_start = $2""",
                 digest.rule_id, digest.window_start)
+            metrics.ESCALATION_DIGESTS.labels(digest.target_channel).inc()
             log.info("escalation.digest_sent", rule=digest.rule, parked=digest.total,
                      window_start=digest.window_start.isoformat(),
                      target_channel=digest.target_channel, message_id=digest.message_id)

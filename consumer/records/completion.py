@@ -46,6 +46,7 @@ import asyncpg
 import structlog
 from aio_pika.abc import AbstractRobustConnection
 
+from consumer import metrics
 from consumer.publisher import Publisher
 from consumer.settings import Settings
 from consumer.store import is_transient_db_error
@@ -216,6 +217,8 @@ class CampaignWatch:
                              completion=completed, **found.model_dump(exclude={
                                  "failed_by_error_type"}))
             await conn.execute("UPDATE campaign_watch SET scanned_to = $1 WHERE id = 1", now)
+        # Counted once the transaction committed: a pass that failed completed nothing.
+        metrics.CAMPAIGNS_COMPLETED.inc(len(done))
         return done
 
     async def publish_notices(self) -> int:

@@ -90,7 +90,7 @@ async def test_every_page_renders_for_an_operator_and_a_viewer(
              "/console/parked?error_type=network&error_code=503&order=newest&since=2h",
              "/console/parked?campaign=spring&recipient=x&until=2030-01-01T00:00",
              f"/console/parked/{ids[0]}", "/console/messages/c-0", "/console/jobs",
-             "/console/campaigns", "/console/campaigns/spring"]
+             "/console/campaigns", "/console/campaigns/spring", "/console/escalations"]
     for path in pages:
         status, page, response = await client.get(path)
         assert status == 200, (path, page[-2000:])

@@ -23,6 +23,7 @@ from schemas import CampaignCompleted
 from tests.conftest import AMQP_URL, RunningSandbox, SandboxServices
 from tests.helpers import publish_all, request, wait_for
 from tests.integration.test_retry_rules import herald_cli
+from tests.integration.test_webhooks import metric
 
 
 @pytest.fixture
@@ -150,8 +151,10 @@ async def test_open_messages_and_recent_activity_keep_a_campaign_open(
     await insert(db, "f1", "quiet", "failed", old, error_type="invalid_recipient")
     await insert(db, "n1", "recent", "sent", now)  # not quiet for 30 s yet
     # Two replicas pass at the same time: one holds the pass, the other skips it.
+    before = metric("herald_campaigns_completed_total")
     done = await asyncio.gather(first.pass_once(), second.pass_once())
     assert sorted(done, key=len) == [[], ["quiet"]]
+    assert metric("herald_campaigns_completed_total") - before == 1
     states = {r["campaign_id"]: r["state"] for r in await db.fetch(
         "SELECT campaign_id, state FROM campaign_completion")}
     assert states == {"waiting": "open", "quiet": "completed", "recent": "open"}

@@ -25,8 +25,9 @@ from tests.conftest import RunningSandbox, SandboxServices
 from tests.helpers import publish_all, request, wait_for
 from tests.integration.test_admin import VIEWER_TOKEN, Admin, admin
 from tests.integration.test_retry_rules import herald_cli
+from tests.integration.test_webhooks import HeraldFactory, metric, start_herald
 
-__all__ = ["admin"]  # the fixture, used here too
+__all__ = ["admin", "start_herald"]  # the fixtures, used here too
 
 
 async def add_rules(db_url: str, *specs: escalations.EscalationSpec) -> list[dict[str, Any]]:
@@ -136,6 +137,60 @@ async def test_a_parking_storm_becomes_one_digest_per_window_with_the_right_coun
     assert "/http/oncall" not in out  # the target's path (a webhook's key) is not shown
 
 
+async def test_a_digest_reaches_an_sms_number_through_the_sandboxs_twilio(
+    amqp: AbstractRobustConnection, prefix: str, db: asyncpg.Connection, db_url: str,
+    sandbox: RunningSandbox, start_herald: HeraldFactory, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An SMS target: the digest is one text message sent by Herald's own sms channel
+    (the sandbox's Twilio), counting the campaign's parked messages by error type."""
+    monkeypatch.setattr(Escalator, "tick_s", 0.2)
+    monkeypatch.setattr(Escalator, "rules_cache_s", 0.0)
+    lead = "+15550001111"
+    digests_before = metric("herald_escalation_digests_total", target_channel="sms")
+    await add_rules(db_url, escalations.EscalationSpec(
+        "sms-lead", "sms", lead, window_s=2, campaign_id="autumn"))
+    await start_herald(sandbox_port=int(sandbox.base_url.rsplit(":", 1)[1]),
+                       HERALD_RETRY_RULES="builtin")
+    box = sandbox.sandbox.providers
+    box.script("twilio", "+15550002222", always=True, code=21211)  # invalid To
+    await publish_all(amqp, prefix, [
+        *[{"message_id": f"bad-{i}", "channel": "sms", "to": "+15550002222", "body": "hi",
+           "campaign_id": "autumn"} for i in range(7)],
+        *[request(f"refused-{i}", sandbox.url("strict", status=400), campaign_id="autumn")
+          for i in range(3)],
+        # Another campaign: the rule does not select it.
+        request("other-0", sandbox.url("strict", status=400), campaign_id="winter")])
+
+    def texts() -> list[str]:
+        return [r.body["Body"] for r in box.accepted("twilio") if r.recipient == lead]
+
+    await wait_for(lambda: sum(_parked_in(t) for t in texts()) == 10, timeout=60,
+                   interval=0.3, what="digests telling the lead of 10 parked messages")
+    body = max(texts(), key=_parked_in)
+    assert body.startswith("Herald: ") and "(escalation sms-lead)" in body
+    assert "campaign autumn: " in body and "winter" not in body
+    assert "herald parked replay --campaign autumn --since " in body
+    told = Counter[str]()
+    for text in texts():
+        for part in text.split("campaign autumn: ", 1)[1].split(";", 1)[0].split(", "):
+            n, _, kind = part.replace(" parked", "").partition(" as ")
+            told[kind] += int(n.replace(",", ""))
+    assert told == {"invalid_recipient": 7, "invalid_request": 3}
+    # Herald's own sms channel sent it, as a message of the reserved campaign.
+    rows = await db.fetch("SELECT status, channel, campaign_id FROM messages"
+                          " WHERE message_id LIKE 'herald-escalation-%'")
+    assert rows and {(r["channel"], r["campaign_id"]) for r in rows} == {
+        ("sms", ESCALATION_CAMPAIGN)}
+    assert {r["status"] for r in rows} <= {"sent", "delivered"}  # the sandbox reports it
+    assert metric("herald_escalation_digests_total", target_channel="sms") \
+        - digests_before == len(rows)
+
+
+def _parked_in(text: str) -> int:
+    """The total a digest's first line gives ("Herald: 1,234 messages parked ...")."""
+    return int(text.split(" ", 2)[1].replace(",", ""))
+
+
 async def test_a_digest_published_twice_is_delivered_once(
     amqp: AbstractRobustConnection, prefix: str, db: asyncpg.Connection, db_url: str,
     sandbox: RunningSandbox, sandbox_services: SandboxServices,
@@ -216,7 +271,9 @@ async def test_a_notice_delivered_again_is_not_counted_twice(
             queue_messages.append(message)
         # Counted once; the escalation's own notice and the junk not at all; the one
         # the database cannot store is dropped alone.
+        before = metric("herald_escalation_counted_total")
         assert await escalator.count(queue_messages) == 1
+        assert metric("herald_escalation_counted_total") - before == 1
         assert await db.fetchval("SELECT sum(parked) FROM escalation_digests") == 1
         assert await db.fetchval("SELECT campaign_id FROM escalation_counts") == "c"
         assert await queue.get(fail=False, timeout=1) is None  # all acked

@@ -280,3 +280,60 @@ def test_a_messages_rule_with_an_odd_code_gives_a_storable_one_line_label() -> N
     label = odd.resolve("provider_error", "x\x00\ny").label
     assert "\x00" not in label and "\n" not in label
     assert label.startswith("message rule code x")
+
+
+def _legacy_behaviour(code: str) -> tuple[int | str, int | None]:
+    """What Herald does, with the shipped rules and default settings, for a Twilio code
+    of the old SMS table: (retries before it parks, or "paused"; the first delay)."""
+    from consumer.providers.twilio import classify_twilio
+
+    p = retry_plan(Settings(retry_jitter=0.0, max_attempts=5), channel="sms", spec=None,
+                   campaign_id=None, campaign=None, book=RuleBook())
+    if code.startswith("2"):  # an answer to the send itself
+        failure = classify_twilio(429 if code == "20429" else 400, {"code": int(code)})
+    else:  # 300xx come in status callbacks, after Twilio accepted the message
+        failure = reported_error("twilio", code, None)
+    history: dict[tuple[str, str | None], int] = {}
+    first: int | None = None
+    for attempt in range(1, CEILING + 1):
+        decision = decide(failure, attempt=attempt, base=0, plan=p, history=history,
+                          pause_s=1.0 if failure.provider_wide else None)
+        if isinstance(decision, Pause):
+            return "paused", None
+        if isinstance(decision, Park):
+            return attempt - 1, first
+        assert isinstance(decision, Retry)
+        first = decision.delay_s if first is None else first
+        key = (failure.error_type.value, failure.code)
+        history[key] = history.get(key, 0) + 1
+    raise AssertionError("never parked")
+
+
+# The issue's old table: every code it names, and what Herald does instead.
+@pytest.mark.parametrize(("code", "retries", "first_delay_s", "herald_says"), [
+    ("30001", 3, 60, "3 retries from 60 s"),
+    ("30002", "paused", None, "paused, never charged"),
+    ("30003", 2, 3600, "2 retries an hour apart"),
+    ("30004", 0, None, "never"),
+    ("30006", 0, None, "never"),
+    ("30007", 0, None, "never"),
+    ("30008", 1, 300, "1 retry after 5 min"),
+    ("21211", 0, None, "never"),
+    ("21214", 0, None, "never"),
+    ("21610", 0, None, "never"),
+    # Not named by the old table ("everything else"), but in Herald's.
+    ("30005", 0, None, "never"),
+    ("21614", 0, None, "never"),
+    ("20429", 9, 1, "9 retries from 1 s"),
+])
+def test_the_legacy_table_says_what_herald_does(code: str, retries: int | str,
+                                                first_delay_s: int | None,
+                                                herald_says: str) -> None:
+    from consumer.delivery.rules import LEGACY
+
+    assert _legacy_behaviour(code) == (retries, first_delay_s)
+    (row,) = [r for r in LEGACY if r[0].split()[0] == code]
+    assert row[2].startswith(herald_says), row
+    line = next(li for li in (REPO / "docs" / "retry-rules.md").read_text().splitlines()
+                if li.startswith(f"| {code} "))
+    assert f"| {row[2]} |" in line

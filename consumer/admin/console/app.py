@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import difflib
 import json
+import math
 import re
 import secrets
 from collections.abc import Awaitable, Callable
@@ -319,6 +320,8 @@ class Console:
         r.add_get(r"/campaigns/{id}", self.campaign_page)
         r.add_post(r"/campaigns/{id}/targets", self.campaign_targets)
         r.add_get("/escalations", self.escalations_page)
+        r.add_post("/escalations", self.escalation_add)
+        r.add_post(r"/escalations/{id}/remove", self.escalation_remove)
         return app
 
     # -- plumbing ------------------------------------------------------------------------
@@ -771,12 +774,70 @@ class Console:
                            verdict=campaigns.judge(overview, limits),
                            done=await completion_of(self.pool, campaign_id))
 
-    async def escalations_page(self, request: web.Request) -> web.Response:
-        """Who is told about parked messages, and the latest digests (read only: rules
-        are added with ``herald escalation add`` or the admin API)."""
+    async def escalations_page(self, request: web.Request, *, given: Any = None,
+                               error: str | None = None, status: int = 200) -> web.Response:
+        """Who is told about parked messages, and the latest digests; an operator adds
+        and removes rules here as with ``herald escalation`` or the admin API."""
         found = await escalations.listing(self.pool)
-        return self.render(request, "escalations.html", rules=found["rules"],
-                           digests=found["digests"])
+        return self.render(request, "escalations.html", status=status, rules=found["rules"],
+                           digests=found["digests"], channels=CHANNELS,
+                           error_types=escalations.ERROR_TYPES, given=given or {},
+                           error=error)
+
+    async def escalation_add(self, request: web.Request) -> web.StreamResponse:
+        session = self._operator(request)
+        form = await self._form(request)
+
+        def field(name: str) -> str | None:
+            value = form.get(name)
+            return value.strip() or None if isinstance(value, str) else None
+
+        try:
+            # Whole seconds, rounded up as the CLI does (a window is never shorter).
+            window = math.ceil(duration(field("window") or "5m", "window").total_seconds())
+            spec = escalations.EscalationSpec(
+                name=field("name") or "", target_channel=field("to_channel") or "",
+                target=field("to") or "", window_s=window, channel=field("channel"),
+                error_type=field("error_type"), campaign_id=field("campaign"))
+            spec.check()
+        except (ConfigError, LotError) as exc:
+            # The form comes back filled in (but for the target, which may be a secret).
+            kept = {k: v for k in ("name", "to_channel", "window", "channel", "error_type",
+                                   "campaign") if isinstance(v := form.get(k), str)}
+            return await self.escalations_page(request, given=kept, error=str(exc),
+                                               status=400)
+        params = {"name": spec.name, "to_channel": spec.target_channel,
+                  "to": escalations.shown_target(spec.target_channel, spec.target),
+                  "window_s": spec.window_s, "channel": spec.channel,
+                  "error_type": spec.error_type, "campaign": spec.campaign_id}
+        audit_id = await audit.begin(self.pool, source="console", actor=session.label,
+                                     action="escalation.create", params=params)
+        try:
+            await escalations.add(self.pool, spec, session.label)
+        except Exception as exc:
+            await audit.finish(self.pool, audit_id, affected=0, outcome=f"error: {exc}")
+            if isinstance(exc, ConfigError):
+                return await self.escalations_page(request, given=params, error=str(exc),
+                                                   status=400)
+            raise
+        await audit.finish(self.pool, audit_id, affected=1)
+        raise web.HTTPSeeOther(f"{PATH}escalations")
+
+    async def escalation_remove(self, request: web.Request) -> web.StreamResponse:
+        session = self._operator(request)
+        ref = request.match_info["id"][:200]
+        audit_id = await audit.begin(self.pool, source="console", actor=session.label,
+                                     action="escalation.remove", params={"rule": ref})
+        try:
+            await escalations.remove(self.pool, ref)
+        except escalations.EscalationNotFound as exc:
+            await audit.finish(self.pool, audit_id, affected=0, outcome=f"error: {exc}")
+            raise NotFound(str(exc)) from None
+        except Exception as exc:
+            await audit.finish(self.pool, audit_id, affected=0, outcome=f"error: {exc}")
+            raise
+        await audit.finish(self.pool, audit_id, affected=1)
+        raise web.HTTPSeeOther(f"{PATH}escalations")
 
     async def campaign_targets(self, request: web.Request) -> web.StreamResponse:
         session = self._operator(request)
