@@ -130,7 +130,9 @@ SECTIONS: list[tuple[str, list[tuple[str, str]]]] = [
          "URL (the GET challenge)."),
     ]),
     ("Operations", [
-        ("HERALD_LOG_LEVEL", "Least severe log level written (JSON lines on stderr)."),
+        ("HERALD_LOG_LEVEL", "Least severe log level written (JSON lines on stderr). A "
+         "success is a debug line (delivery.sent); at info, delivery.sent_summary counts "
+         "them per channel every 10 s. Failures, retries and parking are info or above."),
         ("HERALD_SANDBOX_PORT", "Port of `herald sandbox` (the fake providers) and where "
          "`herald demo` looks for it."),
     ]),

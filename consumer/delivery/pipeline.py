@@ -17,6 +17,7 @@ as stale.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import json
 import re
 import struct
@@ -63,6 +64,9 @@ from consumer.text import storable
 from consumer.wire import PER_ATTEMPT, CopyHeaders, read_copy_headers
 from schemas import SendRequest
 from schemas.send_request import MAX_NESTING
+
+# How often the successes are summed up in the log (each is a debug line).
+SENT_SUMMARY_S = 10.0
 
 log = structlog.get_logger("herald.pipeline")
 
@@ -152,6 +156,8 @@ class Pipeline:
         self.now = now
         self.hooks = hooks
         self.lease_s = settings.send_timeout_s + LEASE_MARGIN_S
+        self._sent_counts: dict[str, int] = {}
+        self._summary_since = time.monotonic()
 
     # -- the one place that acks ------------------------------------------------
 
@@ -159,7 +165,7 @@ class Pipeline:
         self, message: AbstractIncomingMessage, channel: str, lane: str = "main"
     ) -> Outcome | None:
         """Handle one delivery and ack it last. Returns None when left unacked."""
-        metrics.CONSUMED.labels(channel).inc()
+        metrics.child(metrics.CONSUMED, channel).inc()
         try:
             with structlog.contextvars.bound_contextvars(channel=channel):
                 outcome = await self._handle(message, channel, lane)
@@ -322,7 +328,7 @@ class Pipeline:
                 log.exception("delivery.adapter_error", provider=provider.name)
                 error = DeliveryError(ErrorType.OTHER, f"{type(exc).__name__}: {exc}",
                                       retryable=False)
-            metrics.PROVIDER_LATENCY.labels(channel, provider.name).observe(
+            metrics.child(metrics.PROVIDER_LATENCY, channel, provider.name).observe(
                 time.perf_counter() - t0)
         attempt_made = AttemptMade(attempt, base, started, (time.perf_counter() - t0) * 1000.0,
                                    provider.name, lane)
@@ -334,15 +340,18 @@ class Pipeline:
                 provider=provider.name, provider_message_id=provider_message_id,
                 urgent=lane == "main",
             )
-            metrics.SENT.labels(channel).inc()
-            metrics.ATTEMPTS.labels(channel, provider.name, "sent", "").inc()
+            metrics.child(metrics.SENT, channel).inc()
+            metrics.child(metrics.ATTEMPTS, channel, provider.name, "sent", "").inc()
             if copy.first_seen is not None:
-                metrics.END_TO_END.labels(channel).observe(
+                metrics.child(metrics.END_TO_END, channel).observe(
                     max(0.0, time.time() - copy.first_seen))
             if self.hooks is not None:
                 self.hooks.succeeded(channel, domain, first=first, key=outage_key(request))
-            log.info("delivery.sent", provider_message_id=provider_message_id,
-                     latency_ms=round(attempt_made.latency_ms, 1))
+            # One line per success would be most of the log at volume (and a tenth
+            # of the CPU): debug, and an info summary per channel (see _sent_summary).
+            log.debug("delivery.sent", provider_message_id=provider_message_id,
+                      latency_ms=round(attempt_made.latency_ms, 1))
+            self._sent_summary(channel)
             return Outcome("sent", request.message_id, attempt)
 
         metrics.ATTEMPTS.labels(channel, provider.name, "failed", error.error_type.value).inc()
@@ -364,6 +373,19 @@ class Pipeline:
             return await self._park(message, request, error, attempt_made, decision)
         return await self._send_again(message, request, headers, copy, error, decision,
                                       attempt_made)
+
+    def _sent_summary(self, channel: str) -> None:
+        """Count a success; every SENT_SUMMARY_S, log the counts per channel (info)."""
+        self._sent_counts[channel] = self._sent_counts.get(channel, 0) + 1
+        now = time.monotonic()
+        if now - self._summary_since < SENT_SUMMARY_S:
+            return
+        counts, self._sent_counts = self._sent_counts, {}
+        over_s, self._summary_since = now - self._summary_since, now
+        # Logged outside this message's context: the line is about no one message.
+        asyncio.get_running_loop().call_soon(
+            lambda: log.info("delivery.sent_summary", sent=counts, over_s=round(over_s, 1)),
+            context=contextvars.Context())
 
     async def _campaign(self, request: SendRequest) -> Campaign | None:
         if request.campaign_id is None:
