@@ -16,7 +16,8 @@ broker, database and endpoint:
 
 Each peer runs from its own venv, .local/bench-venvs/NAME, made from its
 requirements.txt on first use. Two scenarios: the endpoint answering at once
-(10,000 messages) and after 200 ms (3,000 messages). Messages are queued
+(10,000 messages) and after 200 ms (15,000 messages: at 3,000/s a run of
+3,000 would last one second, and measure start-up). Messages are queued
 before the consumer starts; a run is timed by the database, from the first
 message recorded to the last, and the CPU of every process involved
 (consumer processes summed, the broker, the endpoint, PostgreSQL with its
@@ -31,7 +32,7 @@ Finally Herald's RSS is sampled while --rss-messages flow through it (fed as
 it drains, so the backlog stays small).
 
 Usage: python bench/bench_peers.py [--repeat 3] [--messages-0ms 10000]
-       [--messages-200ms 3000] [--systems herald,faststream,...] [--rss-messages N]
+       [--messages-200ms 15000] [--systems herald,faststream,...] [--rss-messages N]
 Each option also reads an environment variable (see --help).
 """
 
@@ -426,7 +427,7 @@ async def main() -> None:
                         default=int(env_default("BENCH_MESSAGES_0MS", "10000")),
                         help="messages against the 0 ms endpoint, 0 to skip (BENCH_MESSAGES_0MS)")
     parser.add_argument("--messages-200ms", type=int,
-                        default=int(env_default("BENCH_MESSAGES_200MS", "3000")),
+                        default=int(env_default("BENCH_MESSAGES_200MS", "15000")),
                         help="messages against the 200 ms endpoint, 0 to skip "
                              "(BENCH_MESSAGES_200MS)")
     parser.add_argument("--systems", default=env_default("BENCH_SYSTEMS", ",".join(SYSTEMS)),
