@@ -2,28 +2,45 @@
 
 Replay, reject, purge and sync take messages from the queue, act on some and
 leave the rest parked *where they were*. How rests on what RabbitMQ's quorum
-queues do with unacknowledged messages (pinned by a test against the real
-broker in tests/integration/test_parked.py):
+queues do with unacknowledged messages (measured on 3.10, 4.0 and 4.3:
+deploy/local/BROKERS.md, pinned by tests/integration/test_parked.py):
 
 - ``basic.nack``/``basic.reject`` with requeue puts a message at the *tail*
-  (RabbitMQ 3.10), behind messages parked later: never used here;
+  on 3.10 and back in its place on 4.x: never used here;
 - when a channel closes, the messages it held unacked go back to the *head*
-  of the queue in their original order, ahead of everything not yet taken.
+  of the queue, in their original order, behind those of channels closed
+  before it and ahead of everything not yet taken.
 
-So a pass holds the messages it leaves parked unacked, acks the ones it
-handled, and closes its channel at the end. A killed pass (SIGKILL) ends the
-same way: the broker returns every unacked message, nothing is lost.
+So a pass holds the messages it leaves parked unacked, and returns them by
+closing its channels at the end. A killed pass (SIGKILL) ends the same way:
+the broker returns every unacked message, nothing is lost.
 
-A channel holds at most ``window`` unacked messages (its prefetch). When
-that many are held the pass opens another channel with its own consumer; at
-the end the channels are closed one after the other, oldest first, so the
-held messages return in queue order. (Only a pass killed while holding more
-than one window may bring them back in a different order across windows.)
+A channel (a *window*) holds at most ``window`` unacked messages (its
+prefetch). When that many are held the pass opens another channel with its
+own consumer; at the end the channels are closed one after the other, oldest
+first, so the held messages return in queue order. (Only a pass killed while
+holding more than one window may bring them back in a different order across
+windows.) Two rules keep a window from taking anything out of turn:
+
+- Only one window consumes at a time, and it stops (``basic.cancel``) before
+  any older window's channel closes: a consuming window with a free prefetch
+  slot would take the messages that channel returns, and put them back after
+  its own when it closes.
+- A window stops only when nothing can be on its way to it: when it is full
+  (every slot an ack freed has been filled again), or when every message of
+  the pass has arrived. On 4.x a message the broker is sending at the moment
+  of the cancel goes back to the head at once, ahead of the messages older
+  windows still hold. (A message parked at that very moment, after the pass
+  began, can still come back ahead of them; none is ever lost.)
 
 Copies the pipeline parked carry ``x-herald-parked-id``. Copies the broker
 dead-lettered (``x-delivery-limit``: a message that kept killing consumers)
 do not; they get an id derived from their body and ``x-death`` so that
 every pass finds the same index row for them (:func:`copy_id`).
+
+Every pass counts as one delivery of each message it returns: the parking
+queue's delivery limit is set high enough (:mod:`consumer.topology`) that
+passes never wear a message out.
 """
 
 from __future__ import annotations
@@ -255,7 +272,15 @@ class _Window:
     channel: AbstractChannel
     queue: AbstractQueue
     tag: str | None
-    unacked: int = 0
+    prefetch: int
+    delivered: int = 0  # messages the broker sent to this window
+    acked: int = 0
+    held: int = 0  # taken by the pass and not acked: they stay parked
+
+    @property
+    def full(self) -> bool:
+        """Every prefetch slot is taken (so no delivery is on its way here)."""
+        return self.delivered - self.acked >= self.prefetch
 
 
 @dataclass
@@ -278,6 +303,7 @@ class LotPass:
     truncated: bool = False
     _windows: list[_Window] = field(default_factory=list)
     _inbox: asyncio.Queue[Delivery] = field(default_factory=asyncio.Queue)
+    _arrived: asyncio.Event = field(default_factory=asyncio.Event)
     _over: bool = False
 
     async def __aenter__(self) -> LotPass:
@@ -291,32 +317,48 @@ class LotPass:
 
     @property
     def held(self) -> int:
-        return sum(w.unacked for w in self._windows)
+        """Messages taken and left parked, held until the pass ends."""
+        return sum(w.held for w in self._windows)
 
     async def _open_window(self) -> None:
-        index = len(self._windows)
         if self._windows:
-            previous = self._windows[-1]
-            if previous.tag is not None:
-                await previous.queue.cancel(previous.tag)
-                previous.tag = None
+            await self._stop(self._windows[-1])
+        index = len(self._windows)
         channel = await self.connection.channel(publisher_confirms=False)
-        await channel.set_qos(prefetch_count=min(self.window, 65535))
+        prefetch = min(self.window, 65535)
+        await channel.set_qos(prefetch_count=prefetch)
         queue = await channel.get_queue(self.names.parked, ensure=False)
-        window = _Window(channel, queue, None)
+        window = _Window(channel, queue, None, prefetch)
         self._windows.append(window)
 
         async def deliver(message: AbstractIncomingMessage) -> None:
+            window.delivered += 1
             self._inbox.put_nowait(Delivery(message, index, copy_id(message)[0]))
+            self._arrived.set()
 
         window.tag = await queue.consume(deliver)
+
+    async def _stop(self, window: _Window) -> None:
+        """Stop ``window`` consuming once nothing can be on its way to it: it is
+        full, or every message of the pass has arrived (or none has for a while)."""
+        if window.tag is None:
+            return
+        quiet = min(self.idle_s, 1.0)
+        while not window.full and sum(w.delivered for w in self._windows) < self.depth:
+            self._arrived.clear()
+            try:
+                await asyncio.wait_for(self._arrived.wait(), quiet)
+            except TimeoutError:
+                break
+        tag, window.tag = window.tag, None
+        await window.queue.cancel(tag)
 
     async def batch(self, size: int) -> list[Delivery]:
         """Up to ``size`` more messages in queue order; [] when the pass is over."""
         if self._over or not self._windows or self.seen >= self.depth:
             self._over = True
             return []
-        if self._windows[-1].unacked >= self.window and self._inbox.empty():
+        if self._windows[-1].full and self._inbox.empty():
             # The current window holds all it may: go on in a new one.
             if self.held >= self.max_held:
                 self.truncated = self._over = True
@@ -334,24 +376,26 @@ class LotPass:
             except asyncio.QueueEmpty:
                 break
         for d in taken:
-            self._windows[d.window].unacked += 1
+            self._windows[d.window].held += 1
         self.seen += len(taken)
         taken.sort(key=lambda d: (d.window, d.message.delivery_tag or 0))
         return taken
 
     async def ack(self, delivery: Delivery) -> None:
+        """Done with ``delivery``: it leaves the queue."""
+        window = self._windows[delivery.window]
         await delivery.message.ack()
-        self._windows[delivery.window].unacked -= 1
+        window.acked += 1
+        window.held -= 1
 
     async def close(self) -> None:
-        """Return what is held to the head of the queue, in order: close the
-        windows' channels one after the other, oldest first."""
+        """Return what is held to the head of the queue, in order: stop the
+        consuming window, then close the windows' channels one after the other,
+        oldest first."""
         self._over = True
-        for window in self._windows:
+        if self._windows:
             with contextlib.suppress(Exception):
-                if window.tag is not None:
-                    await window.queue.cancel(window.tag)
-                    window.tag = None
+                await self._stop(self._windows[-1])
         for window in self._windows:
             with contextlib.suppress(Exception):
                 await window.channel.close()

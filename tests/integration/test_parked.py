@@ -24,13 +24,14 @@ import pytest
 from aio_pika.abc import AbstractRobustConnection
 
 from consumer.parking.lot import Lot, Selection, list_parked, show
-from consumer.parking.passes import LotBusy, lot_lock
+from consumer.parking.passes import LotBusy, LotPass, lot_lock
 from consumer.parking.replay import Edit, ReplayOptions, replay
 from consumer.settings import Settings
 from consumer.store import create_pool
 from consumer.topology import Names
 from tests.conftest import AMQP_URL, REPO, RunningSandbox, ServiceFactory, herald_env
 from tests.helpers import (
+    broker_version,
     drain_queue,
     publish_all,
     publish_raw,
@@ -98,12 +99,12 @@ async def test_quorum_queue_returns_held_messages_to_the_head_in_order_on_channe
         await admin.close()
 
 
-async def test_quorum_queue_requeues_a_nacked_message_at_the_tail(
+async def test_quorum_queue_puts_a_nacked_message_at_the_tail_on_3_10_and_back_in_place_on_4(
     amqp: AbstractRobustConnection, prefix: str,
 ) -> None:
-    """Why a pass never nacks what it leaves parked: on RabbitMQ 3.10 a nacked
-    message goes behind everything else. (Should a broker upgrade change
-    this, the pass still works; it could then be simpler.)"""
+    """Why a pass never nacks what it leaves parked: where a nacked message
+    goes depends on the broker (behind everything else on RabbitMQ 3.10, back
+    in its place on 4.x), and a pass must keep the order on every version."""
     name = f"{prefix}.nack-probe"
     admin = await amqp.channel(publisher_confirms=True)
     await admin.declare_queue(name, durable=True, arguments={"x-queue-type": "quorum"})
@@ -116,9 +117,38 @@ async def test_quorum_queue_requeues_a_nacked_message_at_the_tail(
         await first.nack(requeue=True)
         await channel.close()
         order = [int(m.body) for m in await drain_queue(amqp, name, expect=3, timeout=10)]
-        assert order == [1, 2, 0]
+        assert order == ([1, 2, 0] if broker_version(amqp) < (4, 0) else [0, 1, 2])
     finally:
         await admin.queue_delete(name)
+        await admin.close()
+
+
+async def test_a_pass_ending_with_free_slots_returns_the_rest_in_order(
+    amqp: AbstractRobustConnection, prefix: str,
+) -> None:
+    """The last window has free prefetch slots when the pass ends (it acked
+    messages and the queue ran out): closing the older windows must not feed
+    their returned messages to it, or they would come back behind its own."""
+    names = Names(prefix)
+    admin = await amqp.channel(publisher_confirms=True)
+    try:
+        for i in range(11):
+            await admin.default_exchange.publish(aio_pika.Message(str(i).encode()),
+                                                 names.parked)
+        connection = await aio_pika.connect(AMQP_URL)
+        async with connection, LotPass(connection, names, window=3) as lot_pass:
+            taken = []
+            while batch := await lot_pass.batch(2):
+                taken += batch
+                for d in batch:
+                    if int(d.message.body) in (9, 10):
+                        await lot_pass.ack(d)
+            assert [int(d.message.body) for d in taken] == list(range(11))
+            assert len(lot_pass._windows) == 4
+        order = [int(m.body) for m in await drain_queue(amqp, names.parked, expect=9,
+                                                        timeout=10)]
+        assert order == [0, 1, 2, 3, 4, 5, 6, 7, 8]
+    finally:
         await admin.close()
 
 
@@ -467,6 +497,7 @@ async def test_a_message_the_broker_parked_by_itself_is_indexed_by_sync_and_repl
     names = Names(prefix)
     await publish_all(amqp, prefix, [request("crashy-1", sandbox.url("ok"))])
     # A consumer that keeps dying on it: the delivery limit dead-letters it to parked.
+    # (reject, not nack: from RabbitMQ 4.3 on a nack does not count as a delivery.)
     channel = await amqp.channel()
     queue = await channel.get_queue(names.send_queue("http"), ensure=False)
     for _ in range(100):
@@ -476,7 +507,7 @@ async def test_a_message_the_broker_parked_by_itself_is_indexed_by_sync_and_repl
                 break
             await asyncio.sleep(0.05)
             continue
-        await message.nack(requeue=True)
+        await message.reject(requeue=True)
     await channel.close()
     assert await queue_depth(amqp, names.parked) == 1
     env = herald_env(prefix, db_url)
