@@ -94,3 +94,12 @@ class DeliveryError(Exception):
 
 class ConfigError(Exception):
     """Invalid configuration: the message is one line naming the variable."""
+
+
+class BrokerUnreachable(Exception):
+    """No node of ``HERALD_AMQP_URL`` accepted a connection (the message names each
+    node as ``host:port`` and says why, never with a password)."""
+
+
+class TopologyMismatch(Exception):
+    """A queue exists on the broker with arguments Herald cannot work with."""
