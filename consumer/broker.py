@@ -26,8 +26,9 @@ from collections.abc import Sequence
 from typing import Any
 
 import aio_pika
+import aiormq
 import structlog
-from aio_pika.abc import AbstractConnection, UnderlayConnection
+from aio_pika.abc import AbstractConnection, AbstractRobustChannel, UnderlayConnection
 from aio_pika.exceptions import CONNECTION_EXCEPTIONS
 from aio_pika.robust_connection import RobustConnection
 from yarl import URL
@@ -162,3 +163,21 @@ async def _close_quietly(connection: AbstractConnection) -> None:
         await connection.close()
     except Exception as exc:
         log.debug("broker.close_failed", error=repr(exc))
+
+
+async def watch_cancellations(channel: AbstractRobustChannel, queue: str) -> None:
+    """Log and count every consumer the broker cancels on ``channel`` (which
+    consumes ``queue``), on this AMQP channel and on each one that replaces it."""
+
+    def cancelled(frame: aiormq.spec.Basic.Cancel) -> None:
+        metrics.CONSUMER_CANCELLED.labels(queue).inc()
+        log.warning("consumer.cancelled_by_broker", queue=queue,
+                    consumer_tag=frame.consumer_tag,
+                    note="consuming again once the queue is there")
+
+    async def attach(*_: object) -> None:
+        underlay = await channel.get_underlay_channel()
+        underlay.on_consumer_cancel_callbacks.add(cancelled)
+
+    await attach()
+    channel.reopen_callbacks.add(attach)

@@ -15,23 +15,28 @@ So a pass holds the messages it leaves parked unacked, and returns them by
 closing its channels at the end. A killed pass (SIGKILL) ends the same way:
 the broker returns every unacked message, nothing is lost.
 
-A channel (a *window*) holds at most ``window`` unacked messages (its
-prefetch). When that many are held the pass opens another channel with its
-own consumer; at the end the channels are closed one after the other, oldest
-first, so the held messages return in queue order. (Only a pass killed while
-holding more than one window may bring them back in a different order across
-windows.) Two rules keep a window from taking anything out of turn:
+The pass takes the messages through *windows*: channels, each with a
+consumer whose prefetch is the number of messages it is to take,
+``window`` or the fewer still to come (the queue's depth when the pass
+began, less what earlier windows took). A window stops consuming
+(``basic.cancel``) once it has them all, and the next window opens when
+they have been handed out. At the end the windows' channels are closed one
+after the other, oldest first, so the held messages return in queue order.
+(Only a pass killed while holding more than one window may bring them back
+in a different order across windows.) This keeps every window from taking
+anything out of turn, on every version:
 
-- Only one window consumes at a time, and it stops (``basic.cancel``) before
-  any older window's channel closes: a consuming window with a free prefetch
-  slot would take the messages that channel returns, and put them back after
-  its own when it closes.
-- A window stops only when nothing can be on its way to it: when it is full
-  (every slot an ack freed has been filled again), or when every message of
-  the pass has arrived. On 4.x a message the broker is sending at the moment
-  of the cancel goes back to the head at once, ahead of the messages older
-  windows still hold. (A message parked at that very moment, after the pass
-  began, can still come back ahead of them; none is ever lost.)
+- A window stops when it is full, so nothing can be on its way to it. On
+  4.x a message the broker is sending at the moment of a ``basic.cancel``
+  goes back to the head at once, ahead of the messages older windows hold.
+- Messages the pass is done with are acked once their window has stopped
+  (until then the ack waits). An ack frees a prefetch slot, and a window
+  with a free slot would take a message out of turn: one parked after the
+  pass began (perhaps the very one it replayed and the pipeline parked
+  again), or one that an older window's channel returns as it closes.
+  The acks go out together (one ``multiple`` ack for a run), and a channel
+  closes only a moment after its last ack (:data:`ACK_GRACE_S`).
+- No window consumes any more when the channels close.
 
 Copies the pipeline parked carry ``x-herald-parked-id``. Copies the broker
 dead-lettered (``x-delivery-limit``: a message that kept killing consumers)
@@ -267,20 +272,37 @@ class Delivery:
     parked_id: uuid.UUID
 
 
+# How long a window's channel stays open after its last ack. A quorum queue's
+# client in the broker's channel sends at most about 32 settlements at a time
+# and keeps the rest until the queue confirms the earlier ones; closing the
+# channel meanwhile drops the kept ones, and their messages come back to the
+# queue (measured on 4.0: 64 acks then an immediate close left 31 of them
+# parked; 10 ms later none). Nothing in AMQP tells when they are applied.
+ACK_GRACE_S = 0.25
+
+
 @dataclass
 class _Window:
     channel: AbstractChannel
     queue: AbstractQueue
     tag: str | None
-    prefetch: int
-    delivered: int = 0  # messages the broker sent to this window
-    acked: int = 0
+    size: int  # its prefetch: the messages it is to take
+    delivered: int = 0
+    taken: int = 0  # handed out by batch()
     held: int = 0  # taken by the pass and not acked: they stay parked
+    # Delivered and not acked, by delivery tag, in delivery order.
+    unacked: dict[int, AbstractIncomingMessage] = field(default_factory=dict)
+    done: set[int] = field(default_factory=set)  # the pass is done with them: acks to send
+    last_ack: float = 0.0
 
     @property
     def full(self) -> bool:
-        """Every prefetch slot is taken (so no delivery is on its way here)."""
-        return self.delivered - self.acked >= self.prefetch
+        return self.delivered >= self.size
+
+    @property
+    def empty(self) -> bool:
+        """Stopped, and holding nothing: its channel has nothing to put back."""
+        return self.tag is None and not self.unacked
 
 
 @dataclass
@@ -320,46 +342,90 @@ class LotPass:
         """Messages taken and left parked, held until the pass ends."""
         return sum(w.held for w in self._windows)
 
+    @property
+    def _delivered(self) -> int:
+        return sum(w.delivered for w in self._windows)
+
     async def _open_window(self) -> None:
-        if self._windows:
-            await self._stop(self._windows[-1])
         index = len(self._windows)
+        size = min(self.window, 65535, self.depth - self._delivered)
         channel = await self.connection.channel(publisher_confirms=False)
-        prefetch = min(self.window, 65535)
-        await channel.set_qos(prefetch_count=prefetch)
+        await channel.set_qos(prefetch_count=size)
         queue = await channel.get_queue(self.names.parked, ensure=False)
-        window = _Window(channel, queue, None, prefetch)
+        window = _Window(channel, queue, None, size)
         self._windows.append(window)
 
         async def deliver(message: AbstractIncomingMessage) -> None:
             window.delivered += 1
+            if message.delivery_tag is not None:
+                window.unacked[message.delivery_tag] = message
             self._inbox.put_nowait(Delivery(message, index, copy_id(message)[0]))
             self._arrived.set()
 
         window.tag = await queue.consume(deliver)
 
     async def _stop(self, window: _Window) -> None:
-        """Stop ``window`` consuming once nothing can be on its way to it: it is
-        full, or every message of the pass has arrived (or none has for a while)."""
-        if window.tag is None:
+        """Stop ``window`` consuming once it is full (or nothing has arrived for a
+        while: messages counted in the depth that are no longer there), then send
+        the acks that waited."""
+        if window.tag is not None:
+            quiet = min(self.idle_s, 1.0)
+            while not window.full:
+                self._arrived.clear()
+                try:
+                    await asyncio.wait_for(self._arrived.wait(), quiet)
+                except TimeoutError:
+                    break
+            tag, window.tag = window.tag, None
+            await window.queue.cancel(tag)
+        await self._settle(window)
+
+    async def _settle(self, window: _Window) -> None:
+        """Send the acks of a stopped window, as few as possible: one ack with
+        ``multiple`` for the run of done messages at the head of what it holds
+        (the usual case), one each for the rest. Then close its channel if it
+        holds nothing any more (a long pass that keeps little would otherwise
+        open channels by the thousand; RabbitMQ allows 2047 per connection)."""
+        if window.tag is not None or window.channel.is_closed:
             return
-        quiet = min(self.idle_s, 1.0)
-        while not window.full and sum(w.delivered for w in self._windows) < self.depth:
-            self._arrived.clear()
-            try:
-                await asyncio.wait_for(self._arrived.wait(), quiet)
-            except TimeoutError:
-                break
-        tag, window.tag = window.tag, None
-        await window.queue.cancel(tag)
+        if window.done:
+            head: AbstractIncomingMessage | None = None
+            for tag, message in window.unacked.items():
+                if tag not in window.done:
+                    break
+                head = message
+            if head is not None and head.delivery_tag is not None:
+                last = head.delivery_tag
+                await head.ack(multiple=True)
+                for tag in [t for t in window.unacked if t <= last]:
+                    del window.unacked[tag]
+                    window.done.discard(tag)
+            for tag in sorted(window.done):
+                await window.unacked.pop(tag).ack()
+            window.done.clear()
+            window.last_ack = asyncio.get_running_loop().time()
+        if window.empty and window.taken == window.delivered:
+            await self._close_window(window)
+
+    async def _close_window(self, window: _Window) -> None:
+        wait = window.last_ack + ACK_GRACE_S - asyncio.get_running_loop().time()
+        if window.last_ack and wait > 0:
+            await asyncio.sleep(wait)
+        await window.channel.close()
 
     async def batch(self, size: int) -> list[Delivery]:
         """Up to ``size`` more messages in queue order; [] when the pass is over."""
+        for window in self._windows:
+            if window.done:
+                await self._settle(window)
         if self._over or not self._windows or self.seen >= self.depth:
             self._over = True
             return []
-        if self._windows[-1].full and self._inbox.empty():
-            # The current window holds all it may: go on in a new one.
+        current = self._windows[-1]
+        if current.tag is not None and current.full:
+            await self._stop(current)
+        if current.tag is None and self._inbox.empty() and self._delivered < self.depth:
+            # The current window has taken all it was to take: go on in a new one.
             if self.held >= self.max_held:
                 self.truncated = self._over = True
                 return []
@@ -376,27 +442,35 @@ class LotPass:
             except asyncio.QueueEmpty:
                 break
         for d in taken:
+            self._windows[d.window].taken += 1
             self._windows[d.window].held += 1
         self.seen += len(taken)
         taken.sort(key=lambda d: (d.window, d.message.delivery_tag or 0))
         return taken
 
     async def ack(self, delivery: Delivery) -> None:
-        """Done with ``delivery``: it leaves the queue."""
+        """Done with ``delivery``: it leaves the queue. The ack itself is sent
+        once its window has stopped consuming, at the next :meth:`batch` or at
+        the end (see the module's docstring)."""
         window = self._windows[delivery.window]
-        await delivery.message.ack()
-        window.acked += 1
         window.held -= 1
+        if delivery.message.delivery_tag is not None:
+            window.done.add(delivery.message.delivery_tag)
 
     async def close(self) -> None:
         """Return what is held to the head of the queue, in order: stop the
-        consuming window, then close the windows' channels one after the other,
-        oldest first."""
+        consuming window, send the acks that wait, then close the windows'
+        channels one after the other, oldest first."""
         self._over = True
         if self._windows:
-            with contextlib.suppress(Exception):
+            try:
                 await self._stop(self._windows[-1])
+                for window in self._windows:
+                    await self._settle(window)
+            except Exception as exc:
+                log.warning("parked.pass_stop_failed", error=repr(exc))
         for window in self._windows:
-            with contextlib.suppress(Exception):
-                await window.channel.close()
+            if not window.channel.is_closed:
+                with contextlib.suppress(Exception):
+                    await self._close_window(window)
         self._windows.clear()
