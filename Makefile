@@ -21,7 +21,7 @@ PYTEST_ARGS ?=
 BROKER ?= 3.10
 # The broker matrix of `make test` (and so of CI): the whole suite on 3.10
 # (bookworm's, on the host), except the cluster tests (deploy/local/BROKERS.md:
-# 3.10 loses dead-lettered retries when a node dies); then, on each version of
+# 3.10 strands dead-lettered retries when a node dies); then, on each version of
 # MATRIX, the tests whose outcome depends on the broker: its quorum queues,
 # the cluster, the consumers, the parking lot, retries, events and faults.
 # On this 2-core machine: about 17 minutes for 3.10, 10 for each of 4.0 and 4.3.
