@@ -62,9 +62,7 @@ class Fixture:
 
     async def __aenter__(self) -> Fixture:
         self.connection = await aio_pika.connect_robust(AMQP_URL)
-        channel = await self.connection.channel()
-        await Topology(self.names).declare(channel)
-        await channel.close()
+        await Topology(self.names).declare(self.connection)
         admin = await asyncpg.connect(DATABASE_URL)
         await admin.execute(f"CREATE SCHEMA {self.schema}")
         await admin.close()

@@ -115,3 +115,12 @@ class Unstorable(Exception):
         self.cause = cause
         self.reason = storable(f"{type(cause).__name__}: {cause}", 500).replace("\n", " ")
         super().__init__(f"{component} refused it: {self.reason}")
+
+
+class BrokerUnreachable(Exception):
+    """No node of ``HERALD_AMQP_URL`` accepted a connection (the message names each
+    node as ``host:port`` and says why, never with a password)."""
+
+
+class TopologyMismatch(Exception):
+    """A queue exists on the broker with arguments Herald cannot work with."""

@@ -74,6 +74,17 @@ PREFETCH = Gauge(
 CONSUMERS_ACTIVE = Gauge(
     "herald_channel_consumer_active", "1 when the channel's queue is being consumed", ["channel"]
 )
+BROKER_RECONNECTS = Counter(
+    "herald_broker_reconnects_total",
+    "Connections to RabbitMQ made again after one was lost, by the node reached (host:port)",
+    ["node"],
+)
+CONSUMER_CANCELLED = Counter(
+    "herald_consumer_cancelled_total",
+    "Consumers the broker cancelled (queue deleted, leader moved, consumer timeout);"
+    " Herald consumes again by itself",
+    ["queue"],
+)
 DB_BATCH_SIZE = Histogram(
     "herald_db_batch_size",
     "Messages written per database transaction (group commit)",

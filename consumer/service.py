@@ -29,7 +29,6 @@ from contextlib import suppress
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
-import aio_pika
 import aiohttp
 import asyncpg
 import structlog
@@ -38,6 +37,7 @@ from aiohttp import web
 
 from consumer import metrics
 from consumer.admin.api import add_admin_routes
+from consumer.broker import connect_robust
 from consumer.delivery.channels import ChannelControl
 from consumer.delivery.pipeline import LEASE_MARGIN_S, Pipeline
 from consumer.delivery.registry import ChannelRegistry
@@ -150,11 +150,9 @@ class Service:
         self.pool = await create_pool(s)
         await check_migrated(self.pool)
         self.store = Store(self.pool)
-        self.connection = await aio_pika.connect_robust(s.amqp_url, client_properties={
-            "connection_name": f"herald-{self.instance_id}"})
-        declare_channel = await self.connection.channel()
-        await Topology(self.names, delivery_limit=s.delivery_limit).declare(declare_channel)
-        await declare_channel.close()
+        self.connection = await connect_robust(s.amqp_urls, name=f"herald-{self.instance_id}")
+        # Outdated queues are logged by declare(); Herald runs on them meanwhile.
+        await Topology(self.names, delivery_limit=s.delivery_limit).declare(self.connection)
         self.publisher = Publisher(self.connection, self.names)
 
         connector = aiohttp.TCPConnector(limit=max(100, s.prefetch * 2, s.prefetch_max * 3 // 2),

@@ -47,6 +47,26 @@ def _url(*schemes: str) -> Callable[[str], str]:
     return parse
 
 
+def _amqp_urls(raw: str) -> str:
+    """one `amqp://…` or `amqps://…` URL, or a cluster's node URLs separated by commas"""
+    urls = split_urls(raw)
+    if not urls:
+        raise ValueError("must name at least one amqp:// or amqps:// URL")
+    check = _url("amqp", "amqps")
+    for number, url in enumerate(urls, 1):
+        try:
+            check(url)
+        except ValueError as exc:
+            where = f"URL {number} of {len(urls)} " if len(urls) > 1 else ""
+            raise ValueError(f"{where}{exc}") from None
+    return raw
+
+
+def split_urls(raw: str) -> tuple[str, ...]:
+    """The URLs of a comma-separated list (a comma inside a password is written %2C)."""
+    return tuple(part.strip() for part in raw.split(",") if part.strip())
+
+
 def _int(lo: int, hi: int) -> Callable[[str], int]:
     def parse(raw: str) -> int:
         try:
@@ -139,7 +159,8 @@ def _env(var: str, parse: Callable[[str], Any] = _text, default: Any = None) -> 
 
 @dataclass(frozen=True)
 class Settings:
-    amqp_url: str = _env("HERALD_AMQP_URL", _url("amqp", "amqps"), "amqp://guest:guest@127.0.0.1:5672/")
+    # One node, or the nodes of a cluster separated by commas (consumer.broker).
+    amqp_url: str = _env("HERALD_AMQP_URL", _amqp_urls, "amqp://guest:guest@127.0.0.1:5672/")
     database_url: str = _env(
         "HERALD_DATABASE_URL",
         _url("postgresql", "postgres"),
@@ -231,6 +252,11 @@ class Settings:
                 f" metrics have their own listener; both are {self.http_port})"
             )
 
+    @property
+    def amqp_urls(self) -> tuple[str, ...]:
+        """The broker's node URLs, in the order they are tried."""
+        return split_urls(self.amqp_url)
+
     def outage_thresholds(self) -> Thresholds:
         """When a failure domain opens and how long it stays open (consumer.delivery.outage)."""
         return Thresholds(window_size=self.outage_window, consecutive=self.outage_consecutive,
@@ -266,17 +292,23 @@ def _shown(var: str, raw: str) -> str:
     """How a value may appear in messages and logs: secrets never, URLs without passwords."""
     if any(word in var for word in _SECRET_WORDS):
         return "'***'"
+    # A list of URLs (a cluster's nodes) is masked URL by URL.
+    raw = ",".join(_without_password(part) for part in raw.split(","))
+    return repr(raw if len(raw) <= 80 else raw[:77] + "...")
+
+
+def _without_password(raw: str) -> str:
     try:
         parts = urlsplit(raw)
+        password = parts.password
     except ValueError:  # unparseable (e.g. a broken IPv6 host): hide any userinfo
         raw = _USERINFO_RE.sub(r"\1:***@", raw)
     else:
-        if parts.password:
-            netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+        if password:
+            netloc = parts.netloc.replace(f":{password}@", ":***@")
             raw = parts._replace(netloc=netloc).geturl()
     # libpq (and asyncpg) also take the password as a query parameter.
-    raw = _QUERY_PASSWORD_RE.sub(r"\1=***", raw)
-    return repr(raw if len(raw) <= 80 else raw[:77] + "...")
+    return _QUERY_PASSWORD_RE.sub(r"\1=***", raw)
 
 
 # HERALD_* variables that belong to the development tooling, not to Herald:

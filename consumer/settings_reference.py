@@ -20,7 +20,10 @@ from consumer.settings import TOOLING_PREFIXES, TOOLING_VARIABLES, Settings
 # (section, [(variable, meaning)]), in the order the page shows them.
 SECTIONS: list[tuple[str, list[tuple[str, str]]]] = [
     ("Connections", [
-        ("HERALD_AMQP_URL", "The RabbitMQ broker (`amqps://` for TLS)."),
+        ("HERALD_AMQP_URL", "The RabbitMQ broker (`amqps://` for TLS). For a cluster, its"
+         " nodes' URLs separated by commas: Herald connects to the first that answers and,"
+         " when a connection is lost, to the next one, round and round. Write a comma in a"
+         " password as `%2C`."),
         ("HERALD_DATABASE_URL", "The PostgreSQL database. Query parameters such as "
          "`sslmode` or `search_path` are passed on to the server."),
         ("HERALD_PREFIX", "Prefix of every exchange and queue name. Lets tests, tenants or "

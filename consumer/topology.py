@@ -9,17 +9,39 @@ each level's exchange sends a ``1`` bit through its queue and a ``0`` bit
 straight on to the next level down. Level 0 ends at the deliver exchange,
 which routes ``#.send.{channel}`` back to the channel's queue (and
 ``#.send.{channel}.bulk`` to its bulk queue).
+
+**Queues that hold messages for people.** The parking queue and the events
+queue are taken from and handed back over and over: every operator pass over
+the parking lot returns the messages it leaves parked, and the events
+consumer returns what it holds when its connection drops. Each hand-back
+counts as a delivery, and RabbitMQ 4.0 and later drops a quorum-queue message
+past its delivery limit (20 by default) when the queue has no dead-letter
+target. So both queues (and ``{prefix}.escalations``, the parking notices
+escalation counts) carry an explicit limit that no hand-back pattern
+reaches (:data:`HOLD_LIMIT`; ``-1`` would mean "none" on 4.x but "drop at
+once" on 3.10) and dead-letter into ``{prefix}.overflow``, which routes each
+to its own ``{queue}.overflow``: nothing is ever dropped silently.
+(deploy/local/BROKERS.md has the measurements.)
+
+Queues declared by an older Herald lack those arguments, and RabbitMQ refuses
+to declare a queue again with other arguments (``PRECONDITION_FAILED``).
+:meth:`Topology.declare` reports such queues as outdated instead of failing;
+``herald topology upgrade`` (:mod:`consumer.topology_upgrade`) rebuilds them
+without losing a message.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import aio_pika
-from aio_pika.abc import AbstractChannel, ExchangeType
+import aiormq
+import structlog
+from aio_pika.abc import AbstractChannel, AbstractConnection, ExchangeType
 
+from consumer.errors import TopologyMismatch
 from schemas.send_request import CHANNELS
 
 DELAY_LEVELS = 18
@@ -29,6 +51,12 @@ DELAY_LEVELS = 18
 # have no message priorities in RabbitMQ 3.10, hence two queues.)
 LANES: tuple[str, ...] = ("main", "bulk")
 MAX_DELAY_S = 2**DELAY_LEVELS - 1
+# The delivery limit of the queues that hold messages for people (parked,
+# events, overflow): the same on RabbitMQ 3.10, 4.0 and 4.3, and out of reach
+# of any number of operator passes or reconnections.
+HOLD_LIMIT = 1_000_000
+
+log = structlog.get_logger("herald.topology")
 
 
 @dataclass(frozen=True)
@@ -74,6 +102,21 @@ class Names:
     def escalations(self) -> str:
         """The parking notices Herald's escalation counts (consumer.parking.escalation)."""
         return f"{self.prefix}.escalations"
+
+    @property
+    def overflow(self) -> str:
+        """The dead-letter exchange of the parking and events queues."""
+        return f"{self.prefix}.overflow"
+
+    def overflow_of(self, queue: str) -> str:
+        """Where ``queue`` (the parking or the events queue) dead-letters to."""
+        return f"{queue}.overflow"
+
+    @property
+    def holding(self) -> tuple[str, str, str]:
+        """The queues that hold messages for people (and the parking notices that
+        escalation counts for them), never drained by a TTL."""
+        return (self.parked, self.events, self.escalations)
 
 
 def delay_routing_key(delay_s: int, destination: str) -> str:
@@ -147,33 +190,73 @@ class Topology:
             bind(n.delay(level), n.delay(level), _level_pattern(level, "1"))
             bind(n.delay(level), below, _level_pattern(level, "0"), "exchange")
 
-        queue(n.parked)
+        exchange(n.overflow, "direct")
+        for held in n.holding:
+            queue(n.overflow_of(held), **{"x-delivery-limit": HOLD_LIMIT})
+            bind(n.overflow, n.overflow_of(held), n.overflow_of(held))
+
+        def holding_queue(name: str) -> None:
+            queue(name, **{"x-delivery-limit": HOLD_LIMIT, "x-dead-letter-exchange": n.overflow,
+                           "x-dead-letter-routing-key": n.overflow_of(name), **safe_dlx})
+
+        holding_queue(n.parked)
         bind(n.parked, n.parked, n.parked)
 
         exchange(n.events)
-        queue(n.events)
+        holding_queue(n.events)
         bind(n.events, n.events, "#")
 
         exchange(n.notifications)
-        queue(n.escalations)
+        holding_queue(n.escalations)
         bind(n.notifications, n.escalations, "parked.#")
 
-    async def declare(self, channel: AbstractChannel) -> None:
-        """Declare everything; safe to repeat (same arguments each time)."""
-        exchanges = {}
-        for ex in self.exchanges:
-            exchanges[ex["name"]] = await channel.declare_exchange(
-                ex["name"], ExchangeType(ex["type"]), durable=True
-            )
-        for q in self.queues:
-            await channel.declare_queue(q["name"], durable=True, arguments=q["arguments"])
-        for b in self.bindings:
-            source = exchanges[b["source"]]
-            if b["destination_type"] == "queue":
-                queue = await channel.get_queue(b["destination"], ensure=False)
-                await queue.bind(source, b["routing_key"])
-            else:
-                await exchanges[b["destination"]].bind(source, b["routing_key"])
+    def arguments_of(self, queue: str) -> dict[str, Any]:
+        return next(q["arguments"] for q in self.queues if q["name"] == queue)
+
+    async def declare(self, connection: AbstractConnection) -> list[Outdated]:
+        """Declare everything; safe to repeat (same arguments each time).
+
+        A parking or events queue that an older Herald declared with other
+        arguments is left as it is and returned as :class:`Outdated` (see the
+        module's docstring); any other queue declared with other arguments
+        raises :class:`TopologyMismatch`.
+        """
+        outdated: list[Outdated] = []
+        channel = await connection.channel()
+        try:
+            exchanges = {}
+            for ex in self.exchanges:
+                exchanges[ex["name"]] = await channel.declare_exchange(
+                    ex["name"], ExchangeType(ex["type"]), durable=True
+                )
+            for q in self.queues:
+                try:
+                    await channel.declare_queue(q["name"], durable=True,
+                                                arguments=q["arguments"])
+                except aiormq.exceptions.ChannelPreconditionFailed as exc:
+                    # The broker closed the channel: go on in a fresh one.
+                    await _close_quietly(channel)
+                    channel = await connection.channel()
+                    exchanges = {name: await channel.get_exchange(name, ensure=False)
+                                 for name in exchanges}
+                    said = _reply_text(exc)
+                    if q["name"] not in self.names.holding:
+                        raise TopologyMismatch(
+                            f"queue {q['name']!r} exists with other arguments than Herald"
+                            f" declares ({said}); see docs/operations.md") from None
+                    outdated.append(Outdated(q["name"], said))
+                    log.warning("topology.queue_outdated", queue=q["name"], broker_said=said,
+                                fix="herald topology upgrade (docs/operations.md)")
+            for b in self.bindings:
+                source = exchanges[b["source"]]
+                if b["destination_type"] == "queue":
+                    queue = await channel.get_queue(b["destination"], ensure=False)
+                    await queue.bind(source, b["routing_key"])
+                else:
+                    await exchanges[b["destination"]].bind(source, b["routing_key"])
+        finally:
+            await _close_quietly(channel)
+        return outdated
 
     def definitions(self, vhost: str = "/") -> dict[str, Any]:
         """RabbitMQ definitions JSON (importable with ``rabbitmqctl import_definitions``)."""
@@ -201,8 +284,31 @@ def export_json(topology: Topology) -> str:
     return json.dumps(topology.definitions(), indent=2) + "\n"
 
 
-async def declare_all(amqp_url: str, topology: Topology) -> None:
-    connection = await aio_pika.connect(amqp_url)
+@dataclass(frozen=True)
+class Outdated:
+    """A queue that exists with the arguments of an older Herald."""
+
+    queue: str
+    broker_said: str
+
+
+def _reply_text(exc: aiormq.exceptions.ChannelPreconditionFailed) -> str:
+    frame = exc.args[0] if exc.args else None
+    return str(getattr(frame, "reply_text", None) or exc)[:300]
+
+
+async def _close_quietly(channel: AbstractChannel) -> None:
+    if not channel.is_closed:
+        try:
+            await channel.close()
+        except Exception as exc:
+            log.debug("topology.channel_close_failed", error=repr(exc))
+
+
+async def declare_all(amqp_urls: str | Sequence[str], topology: Topology) -> list[Outdated]:
+    """Declare ``topology`` through the first node of ``amqp_urls`` that answers."""
+    from consumer.broker import connect
+
+    connection = await connect(amqp_urls)
     async with connection:
-        channel = await connection.channel()
-        await topology.declare(channel)
+        return await topology.declare(connection)

@@ -67,9 +67,8 @@ async def prefix(amqp: AbstractRobustConnection) -> AsyncIterator[str]:
     """A fresh exchange/queue prefix, deleted after the test."""
     name = f"t{uuid.uuid4().hex[:10]}"
     topology = Topology(Names(name))
-    channel = await _open_channel(amqp)
-    await topology.declare(channel)
-    await channel.close()
+    await (await _open_channel(amqp)).close()  # once the session's connection is back
+    assert await topology.declare(amqp) == []
     yield name
     channel = await _open_channel(amqp)
     try:

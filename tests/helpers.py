@@ -100,3 +100,11 @@ async def drain_queue(
 
 async def connect(url: str) -> AbstractRobustConnection:
     return await aio_pika.connect_robust(url)
+
+
+def broker_version(connection: AbstractRobustConnection) -> tuple[int, int]:
+    """The RabbitMQ version of the node ``connection`` talks to, as (major, minor)."""
+    assert connection.transport is not None
+    raw = str(connection.transport.connection.server_properties["version"])
+    major, minor = raw.split(".")[:2]
+    return int(major), int(minor)

@@ -18,6 +18,7 @@ from typing import Any
 
 import asyncpg
 
+from consumer.errors import BrokerUnreachable
 from consumer.settings import Settings
 from consumer.text import printable
 
@@ -104,8 +105,10 @@ def with_pool(handler: PoolHandler) -> Handler:
             return fail(str(exc))
         except asyncpg.UndefinedTableError as exc:
             return fail(f"{exc}: run `herald migrate` first")
+        except BrokerUnreachable as exc:
+            return fail(str(exc))
         except (OSError, aio_pika.exceptions.AMQPError) as exc:
-            return fail(f"cannot reach the broker: {exc!r}")
+            return fail(f"lost the broker: {exc!r} (run the command again)")
         finally:
             await pool.close()
 

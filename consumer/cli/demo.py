@@ -18,10 +18,10 @@ import uuid
 from collections import Counter
 from typing import Any
 
-import aio_pika
 import aiohttp
 import asyncpg
 
+from consumer.broker import connect_robust
 from consumer.parking.lot import Selection, count_parked
 from consumer.publisher import Publisher
 from consumer.records.stats import statistics
@@ -98,7 +98,7 @@ async def run_demo(settings: Settings, *, sandbox_url: str, timeout_s: float = 1
             """INSERT INTO campaigns (campaign_id, name, max_attempts, base_delay_s, max_delay_s)
                VALUES ($1, 'Herald demo', 4, 2, 8)
                ON CONFLICT (campaign_id) DO NOTHING""", CAMPAIGN)
-        connection = await aio_pika.connect_robust(settings.amqp_url)
+        connection = await connect_robust(settings.amqp_urls)
         async with connection:
             publisher = Publisher(connection, Names(settings.prefix))
             await asyncio.gather(*(

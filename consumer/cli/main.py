@@ -27,7 +27,7 @@ from consumer.cli import (
     stats,
     status,
 )
-from consumer.errors import ConfigError
+from consumer.errors import BrokerUnreachable, ConfigError, TopologyMismatch
 from consumer.settings import Settings, unknown_variables
 
 
@@ -64,6 +64,9 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
     except (ArgumentError, ConfigError) as exc:
         print(f"herald: {exc}" if isinstance(exc, ConfigError) else str(exc), file=sys.stderr)
         code = 2
+    except (BrokerUnreachable, TopologyMismatch) as exc:
+        print(f"herald: {exc}", file=sys.stderr)
+        code = 1
     except KeyboardInterrupt:
         code = 130
     sys.exit(code)

@@ -12,9 +12,9 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-import aio_pika
 from pydantic import ValidationError
 
+from consumer.broker import connect_robust
 from consumer.cli.common import progress_bar
 from consumer.delivery.pipeline import lane_of
 from consumer.errors import ConfigError
@@ -118,7 +118,7 @@ async def _publish(args: argparse.Namespace, settings: Settings) -> int:
             message = str(first["msg"]).removeprefix("Value error, ")
             raise ConfigError(f"{source}: {where}: {message}") from None
     names = Names(settings.prefix)
-    connection = await aio_pika.connect_robust(settings.amqp_url)
+    connection = await connect_robust(settings.amqp_urls)
     accepted = 0
     async with connection:
         publisher = Publisher(connection, names)

@@ -101,9 +101,12 @@ async def _topology_declare(args: argparse.Namespace, settings: Settings) -> int
     from consumer.topology import declare_all
 
     topology = _topology(settings)
-    await declare_all(settings.amqp_url, topology)
+    outdated = await declare_all(settings.amqp_urls, topology)
     print(f"declared {len(topology.exchanges)} exchanges, {len(topology.queues)} queues, "
           f"{len(topology.bindings)} bindings with prefix {settings.prefix!r}")
+    for queue in outdated:
+        print(f"outdated: {queue.queue} was declared by an older Herald ({queue.broker_said});"
+              " run `herald topology upgrade` (docs/operations.md)")
     return 0
 
 

@@ -14,6 +14,15 @@ between ``HERALD_PREFETCH`` and ``HERALD_PREFETCH_MAX``
 Stopping cancels the consumers first (no new work), waits up to a grace
 period for the tasks in flight, then cancels the rest, which leaves their
 messages unacked for the broker to requeue.
+
+**Consumers the broker cancels.** RabbitMQ cancels a consumer
+(``basic.cancel``) when its queue is deleted, and from 4.3 on when a
+delivery outlasts the consumer timeout. The queue is declared on aio-pika's
+robust channel, which consumes again with the same tag as soon as the queue
+exists (a passive declare every few seconds until then); a lost connection
+is likewise followed by a new one, to the next node of a cluster
+(:mod:`consumer.broker`). :func:`~consumer.broker.watch_cancellations` makes each
+cancellation visible (a log line and ``herald_consumer_cancelled_total``).
 """
 
 from __future__ import annotations
@@ -24,13 +33,14 @@ from typing import Any
 
 import structlog
 from aio_pika.abc import (
-    AbstractChannel,
     AbstractIncomingMessage,
     AbstractQueue,
+    AbstractRobustChannel,
     AbstractRobustConnection,
 )
 
 from consumer import metrics
+from consumer.broker import watch_cancellations
 from consumer.delivery.inflight import InFlight
 from consumer.delivery.pipeline import Pipeline
 from consumer.topology import LANES, Names
@@ -59,7 +69,7 @@ class LaneConsumer:
         self.prefetch = prefetch
         self.tasks: set[asyncio.Task[Any]] = set()
         self._in_flight = metrics.IN_FLIGHT.labels(channel_name)
-        self._amqp_channel: AbstractChannel | None = None
+        self._amqp_channel: AbstractRobustChannel | None = None
         self._queue: AbstractQueue | None = None
         self._consumer_tag: str | None = None
         # ceiling None: the prefetch stays as configured (a rate bounds the lane).
@@ -82,6 +92,7 @@ class LaneConsumer:
         # declare_queue (passive), not get_queue: only queues declared on a robust
         # channel are re-attached, with their consumer, after a broker restart.
         self._queue = await self._amqp_channel.declare_queue(self.queue_name, passive=True)
+        await watch_cancellations(self._amqp_channel, self.queue_name)
         await self.consume()
         if self._adapt is not None:
             self._adapt_task = asyncio.create_task(self._adapt_prefetch(self._adapt),
@@ -164,11 +175,12 @@ class LaneConsumer:
         except Exception as exc:
             # Unexpected (e.g. a database error that is not an outage): hand the
             # message back for redelivery; x-delivery-limit parks one that keeps
-            # failing this way instead of letting it loop for ever.
+            # failing this way instead of letting it loop for ever. reject, not
+            # nack: from RabbitMQ 4.3 on a nack no longer counts as a delivery.
             log.error("delivery.crashed", channel=self.channel_name, error=repr(exc)[:500],
                       exc_info=exc)
             with contextlib.suppress(Exception):
-                await message.nack(requeue=True)
+                await message.reject(requeue=True)
         finally:
             self._in_flight.dec()
             if adapt is not None:

@@ -24,6 +24,7 @@ import aio_pika
 import asyncpg
 import structlog
 
+from consumer.broker import connect
 from consumer.logs import mask_headers, mask_recipient, mask_tree
 from consumer.parking.passes import (
     Conn,
@@ -444,7 +445,7 @@ _RECORD = """INSERT INTO message_actions (message_id, parked_id, action, actor, 
 async def _sweep(lot: Lot, actor: str, want: set[uuid.UUID] | None,
                  report: SweepReport) -> None:
     """Ack away every copy whose row is done; stop early once ``want`` are all gone."""
-    connection = await aio_pika.connect(lot.amqp_url)
+    connection = await connect(lot.amqp_url)
     async with connection, lot.new_pass(connection) as lot_pass:
         remaining = set(want) if want is not None else None
         while remaining is None or remaining:
@@ -528,6 +529,6 @@ async def sync(lot: Lot, actor: str) -> SweepReport:
 
 async def queue_depth(amqp_url: str, names: Names) -> int:
     """Messages ready in the parking queue (not counting any a pass holds)."""
-    connection = await aio_pika.connect(amqp_url)
+    connection = await connect(amqp_url)
     async with connection:
         return await ready_count(connection, names)

@@ -2,28 +2,50 @@
 
 Replay, reject, purge and sync take messages from the queue, act on some and
 leave the rest parked *where they were*. How rests on what RabbitMQ's quorum
-queues do with unacknowledged messages (pinned by a test against the real
-broker in tests/integration/test_parked.py):
+queues do with unacknowledged messages (measured on 3.10, 4.0 and 4.3:
+deploy/local/BROKERS.md, pinned by tests/integration/test_parked.py):
 
 - ``basic.nack``/``basic.reject`` with requeue puts a message at the *tail*
-  (RabbitMQ 3.10), behind messages parked later: never used here;
+  on 3.10 and back in its place on 4.x: never used here;
 - when a channel closes, the messages it held unacked go back to the *head*
-  of the queue in their original order, ahead of everything not yet taken.
+  of the queue, in their original order, behind those of channels closed
+  before it and ahead of everything not yet taken.
 
-So a pass holds the messages it leaves parked unacked, acks the ones it
-handled, and closes its channel at the end. A killed pass (SIGKILL) ends the
-same way: the broker returns every unacked message, nothing is lost.
+So a pass holds the messages it leaves parked unacked, and returns them by
+closing its channels at the end. A killed pass (SIGKILL) ends the same way:
+the broker returns every unacked message, nothing is lost.
 
-A channel holds at most ``window`` unacked messages (its prefetch). When
-that many are held the pass opens another channel with its own consumer; at
-the end the channels are closed one after the other, oldest first, so the
-held messages return in queue order. (Only a pass killed while holding more
-than one window may bring them back in a different order across windows.)
+The pass takes the messages through *windows*: channels, each with a
+consumer whose prefetch is the number of messages it is to take,
+``window`` or the fewer still to come (the queue's depth when the pass
+began, less what earlier windows took). A window stops consuming
+(``basic.cancel``) once it has them all, and the next window opens when
+they have been handed out. At the end the windows' channels are closed one
+after the other, oldest first, so the held messages return in queue order.
+(Only a pass killed while holding more than one window may bring them back
+in a different order across windows.) This keeps every window from taking
+anything out of turn, on every version:
+
+- A window stops when it is full, so nothing can be on its way to it. On
+  4.x a message the broker is sending at the moment of a ``basic.cancel``
+  goes back to the head at once, ahead of the messages older windows hold.
+- Messages the pass is done with are acked once their window has stopped
+  (until then the ack waits). An ack frees a prefetch slot, and a window
+  with a free slot would take a message out of turn: one parked after the
+  pass began (perhaps the very one it replayed and the pipeline parked
+  again), or one that an older window's channel returns as it closes.
+  The acks go out together (one ``multiple`` ack for a run), and a channel
+  closes only a moment after its last ack (:data:`ACK_GRACE_S`).
+- No window consumes any more when the channels close.
 
 Copies the pipeline parked carry ``x-herald-parked-id``. Copies the broker
 dead-lettered (``x-delivery-limit``: a message that kept killing consumers)
 do not; they get an id derived from their body and ``x-death`` so that
 every pass finds the same index row for them (:func:`copy_id`).
+
+Every pass counts as one delivery of each message it returns: the parking
+queue's delivery limit is set high enough (:mod:`consumer.topology`) that
+passes never wear a message out.
 """
 
 from __future__ import annotations
@@ -273,12 +295,37 @@ class Delivery:
     parked_id: uuid.UUID
 
 
+# How long a window's channel stays open after its last ack. A quorum queue's
+# client in the broker's channel sends at most about 32 settlements at a time
+# and keeps the rest until the queue confirms the earlier ones; closing the
+# channel meanwhile drops the kept ones, and their messages come back to the
+# queue (measured on 4.0: 64 acks then an immediate close left 31 of them
+# parked; 10 ms later none). Nothing in AMQP tells when they are applied.
+ACK_GRACE_S = 0.25
+
+
 @dataclass
 class _Window:
     channel: AbstractChannel
     queue: AbstractQueue
     tag: str | None
-    unacked: int = 0
+    size: int  # its prefetch: the messages it is to take
+    delivered: int = 0
+    taken: int = 0  # handed out by batch()
+    held: int = 0  # taken by the pass and not acked: they stay parked
+    # Delivered and not acked, by delivery tag, in delivery order.
+    unacked: dict[int, AbstractIncomingMessage] = field(default_factory=dict)
+    done: set[int] = field(default_factory=set)  # the pass is done with them: acks to send
+    last_ack: float = 0.0
+
+    @property
+    def full(self) -> bool:
+        return self.delivered >= self.size
+
+    @property
+    def empty(self) -> bool:
+        """Stopped, and holding nothing: its channel has nothing to put back."""
+        return self.tag is None and not self.unacked
 
 
 @dataclass
@@ -301,6 +348,7 @@ class LotPass:
     truncated: bool = False
     _windows: list[_Window] = field(default_factory=list)
     _inbox: asyncio.Queue[Delivery] = field(default_factory=asyncio.Queue)
+    _arrived: asyncio.Event = field(default_factory=asyncio.Event)
     _over: bool = False
 
     async def __aenter__(self) -> LotPass:
@@ -314,33 +362,93 @@ class LotPass:
 
     @property
     def held(self) -> int:
-        return sum(w.unacked for w in self._windows)
+        """Messages taken and left parked, held until the pass ends."""
+        return sum(w.held for w in self._windows)
+
+    @property
+    def _delivered(self) -> int:
+        return sum(w.delivered for w in self._windows)
 
     async def _open_window(self) -> None:
         index = len(self._windows)
-        if self._windows:
-            previous = self._windows[-1]
-            if previous.tag is not None:
-                await previous.queue.cancel(previous.tag)
-                previous.tag = None
+        size = min(self.window, 65535, self.depth - self._delivered)
         channel = await self.connection.channel(publisher_confirms=False)
-        await channel.set_qos(prefetch_count=min(self.window, 65535))
+        await channel.set_qos(prefetch_count=size)
         queue = await channel.get_queue(self.names.parked, ensure=False)
-        window = _Window(channel, queue, None)
+        window = _Window(channel, queue, None, size)
         self._windows.append(window)
 
         async def deliver(message: AbstractIncomingMessage) -> None:
+            window.delivered += 1
+            if message.delivery_tag is not None:
+                window.unacked[message.delivery_tag] = message
             self._inbox.put_nowait(Delivery(message, index, copy_id(message)[0]))
+            self._arrived.set()
 
         window.tag = await queue.consume(deliver)
 
+    async def _stop(self, window: _Window) -> None:
+        """Stop ``window`` consuming once it is full (or nothing has arrived for a
+        while: messages counted in the depth that are no longer there), then send
+        the acks that waited."""
+        if window.tag is not None:
+            quiet = min(self.idle_s, 1.0)
+            while not window.full:
+                self._arrived.clear()
+                try:
+                    await asyncio.wait_for(self._arrived.wait(), quiet)
+                except TimeoutError:
+                    break
+            tag, window.tag = window.tag, None
+            await window.queue.cancel(tag)
+        await self._settle(window)
+
+    async def _settle(self, window: _Window) -> None:
+        """Send the acks of a stopped window, as few as possible: one ack with
+        ``multiple`` for the run of done messages at the head of what it holds
+        (the usual case), one each for the rest. Then close its channel if it
+        holds nothing any more (a long pass that keeps little would otherwise
+        open channels by the thousand; RabbitMQ allows 2047 per connection)."""
+        if window.tag is not None or window.channel.is_closed:
+            return
+        if window.done:
+            head: AbstractIncomingMessage | None = None
+            for tag, message in window.unacked.items():
+                if tag not in window.done:
+                    break
+                head = message
+            if head is not None and head.delivery_tag is not None:
+                last = head.delivery_tag
+                await head.ack(multiple=True)
+                for tag in [t for t in window.unacked if t <= last]:
+                    del window.unacked[tag]
+                    window.done.discard(tag)
+            for tag in sorted(window.done):
+                await window.unacked.pop(tag).ack()
+            window.done.clear()
+            window.last_ack = asyncio.get_running_loop().time()
+        if window.empty and window.taken == window.delivered:
+            await self._close_window(window)
+
+    async def _close_window(self, window: _Window) -> None:
+        wait = window.last_ack + ACK_GRACE_S - asyncio.get_running_loop().time()
+        if window.last_ack and wait > 0:
+            await asyncio.sleep(wait)
+        await window.channel.close()
+
     async def batch(self, size: int) -> list[Delivery]:
         """Up to ``size`` more messages in queue order; [] when the pass is over."""
+        for window in self._windows:
+            if window.done:
+                await self._settle(window)
         if self._over or not self._windows or self.seen >= self.depth:
             self._over = True
             return []
-        if self._windows[-1].unacked >= self.window and self._inbox.empty():
-            # The current window holds all it may: go on in a new one.
+        current = self._windows[-1]
+        if current.tag is not None and current.full:
+            await self._stop(current)
+        if current.tag is None and self._inbox.empty() and self._delivered < self.depth:
+            # The current window has taken all it was to take: go on in a new one.
             if self.held >= self.max_held:
                 self.truncated = self._over = True
                 return []
@@ -357,25 +465,35 @@ class LotPass:
             except asyncio.QueueEmpty:
                 break
         for d in taken:
-            self._windows[d.window].unacked += 1
+            self._windows[d.window].taken += 1
+            self._windows[d.window].held += 1
         self.seen += len(taken)
         taken.sort(key=lambda d: (d.window, d.message.delivery_tag or 0))
         return taken
 
     async def ack(self, delivery: Delivery) -> None:
-        await delivery.message.ack()
-        self._windows[delivery.window].unacked -= 1
+        """Done with ``delivery``: it leaves the queue. The ack itself is sent
+        once its window has stopped consuming, at the next :meth:`batch` or at
+        the end (see the module's docstring)."""
+        window = self._windows[delivery.window]
+        window.held -= 1
+        if delivery.message.delivery_tag is not None:
+            window.done.add(delivery.message.delivery_tag)
 
     async def close(self) -> None:
-        """Return what is held to the head of the queue, in order: close the
-        windows' channels one after the other, oldest first."""
+        """Return what is held to the head of the queue, in order: stop the
+        consuming window, send the acks that wait, then close the windows'
+        channels one after the other, oldest first."""
         self._over = True
+        if self._windows:
+            try:
+                await self._stop(self._windows[-1])
+                for window in self._windows:
+                    await self._settle(window)
+            except Exception as exc:
+                log.warning("parked.pass_stop_failed", error=repr(exc))
         for window in self._windows:
-            with contextlib.suppress(Exception):
-                if window.tag is not None:
-                    await window.queue.cancel(window.tag)
-                    window.tag = None
-        for window in self._windows:
-            with contextlib.suppress(Exception):
-                await window.channel.close()
+            if not window.channel.is_closed:
+                with contextlib.suppress(Exception):
+                    await self._close_window(window)
         self._windows.clear()

@@ -37,13 +37,13 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, cast
 
-import aio_pika
 import asyncpg
 import structlog
 from aio_pika.abc import AbstractRobustConnection
 from pydantic import ValidationError
 
 from consumer import metrics
+from consumer.broker import connect
 from consumer.delivery.pipeline import decode_request, lane_of
 from consumer.logs import mask_tree
 from consumer.parking.lot import (
@@ -256,7 +256,7 @@ async def _pass(lot: Lot, options: ReplayOptions, actor: str, started: datetime,
     if options.rate:
         size = max(1, min(size, int(options.rate)))
     found = 0
-    connection = await aio_pika.connect(lot.amqp_url)
+    connection = await connect(lot.amqp_url)
     async with connection, lot.new_pass(connection) as lot_pass:
         publisher = Publisher(cast(AbstractRobustConnection, connection), lot.names)
         while found < report.selected and not stopping():

@@ -61,6 +61,7 @@ from aio_pika.exceptions import AMQPError, ChannelInvalidStateError
 from pydantic import ValidationError
 
 from consumer import metrics
+from consumer.broker import watch_cancellations
 from consumer.delivery.decision import Park, copy_headers, decide
 from consumer.delivery.pipeline import lane_of
 from consumer.errors import DeliveryError, ErrorType
@@ -243,9 +244,13 @@ class EventsConsumer:
     # -- lifecycle -----------------------------------------------------------------------
 
     async def start(self) -> None:
-        self._channel = await self.connection.channel(publisher_confirms=False)
-        await self._channel.set_qos(prefetch_count=self.prefetch)
-        self._queue = await self._channel.get_queue(self.names.events, ensure=False)
+        channel = await self.connection.channel(publisher_confirms=False)
+        self._channel = channel
+        await channel.set_qos(prefetch_count=self.prefetch)
+        # declare_queue (passive), not get_queue: only a queue declared on the robust
+        # channel is consumed again after a broker cancel or a reconnection.
+        self._queue = await channel.declare_queue(self.names.events, passive=True)
+        await watch_cancellations(channel, self.names.events)
         self._tag = await self._queue.consume(self._on_message)
         self._task = asyncio.create_task(self._run(), name="events-consumer")
         log.info("events.started", queue=self.names.events, max_batch=self.max_batch)

@@ -256,5 +256,21 @@ async def test_definitions_import_into_rabbitmq_and_match_herald(
         queue = await channel.declare_queue("herald.send.sms", passive=True)
         assert queue.declaration_result.message_count == 0
         # Herald declares its topology at start-up: the broker must find every
-        # exchange and queue identical to the imported ones (else PRECONDITION_FAILED).
-        await Topology(Names("herald")).declare(channel)
+        # exchange and queue identical to the imported ones (else PRECONDITION_FAILED,
+        # or an outdated parking or events queue).
+        assert await Topology(Names("herald")).declare(connection) == []
+
+
+def test_the_broker_image_is_a_version_the_matrix_tests() -> None:
+    """Compose and Kubernetes run a RabbitMQ that `make test` runs the suite on
+    (issue #13): its version is a row of deploy/local/BROKERS.md's table and a
+    version of the Makefile's MATRIX."""
+    tested = set(re.findall(r"^\| (\d+\.\d+\.\d+) \| Debian",
+                            (REPO / "deploy" / "local" / "BROKERS.md").read_text(), re.M))
+    matrix = re.search(r"^MATRIX \?= (.+)$", (REPO / "Makefile").read_text(), re.M)
+    assert matrix is not None
+    k8s = yaml.safe_load((REPO / "deploy" / "k8s" / "rabbitmq.yaml").read_text())
+    for image in (services()["rabbitmq"]["image"], k8s["spec"]["image"]):
+        version = image.split(":")[1].removesuffix("-management")
+        assert version in tested, (image, tested)
+        assert version.rsplit(".", 1)[0] in matrix.group(1).split(), (image, matrix.group(1))

@@ -24,13 +24,14 @@ import pytest
 from aio_pika.abc import AbstractRobustConnection
 
 from consumer.parking.lot import Lot, Selection, list_parked, show
-from consumer.parking.passes import LotBusy, lot_lock
+from consumer.parking.passes import LotBusy, LotPass, lot_lock
 from consumer.parking.replay import Edit, ReplayOptions, replay
 from consumer.settings import Settings
 from consumer.store import create_pool
 from consumer.topology import Names
 from tests.conftest import AMQP_URL, REPO, RunningSandbox, ServiceFactory, herald_env
 from tests.helpers import (
+    broker_version,
     drain_queue,
     publish_all,
     publish_raw,
@@ -98,12 +99,12 @@ async def test_quorum_queue_returns_held_messages_to_the_head_in_order_on_channe
         await admin.close()
 
 
-async def test_quorum_queue_requeues_a_nacked_message_at_the_tail(
+async def test_quorum_queue_puts_a_nacked_message_at_the_tail_on_3_10_and_back_in_place_on_4(
     amqp: AbstractRobustConnection, prefix: str,
 ) -> None:
-    """Why a pass never nacks what it leaves parked: on RabbitMQ 3.10 a nacked
-    message goes behind everything else. (Should a broker upgrade change
-    this, the pass still works; it could then be simpler.)"""
+    """Why a pass never nacks what it leaves parked: where a nacked message
+    goes depends on the broker (behind everything else on RabbitMQ 3.10, back
+    in its place on 4.x), and a pass must keep the order on every version."""
     name = f"{prefix}.nack-probe"
     admin = await amqp.channel(publisher_confirms=True)
     await admin.declare_queue(name, durable=True, arguments={"x-queue-type": "quorum"})
@@ -116,9 +117,38 @@ async def test_quorum_queue_requeues_a_nacked_message_at_the_tail(
         await first.nack(requeue=True)
         await channel.close()
         order = [int(m.body) for m in await drain_queue(amqp, name, expect=3, timeout=10)]
-        assert order == [1, 2, 0]
+        assert order == ([1, 2, 0] if broker_version(amqp) < (4, 0) else [0, 1, 2])
     finally:
         await admin.queue_delete(name)
+        await admin.close()
+
+
+async def test_a_pass_ending_with_free_slots_returns_the_rest_in_order(
+    amqp: AbstractRobustConnection, prefix: str,
+) -> None:
+    """The last window acks what it took as the queue runs out: closing the
+    older windows must not feed their returned messages to it (a window with a
+    free prefetch slot would take them, and put them back behind its own)."""
+    names = Names(prefix)
+    admin = await amqp.channel(publisher_confirms=True)
+    try:
+        for i in range(11):
+            await admin.default_exchange.publish(aio_pika.Message(str(i).encode()),
+                                                 names.parked)
+        connection = await aio_pika.connect(AMQP_URL)
+        async with connection, LotPass(connection, names, window=3) as lot_pass:
+            taken = []
+            while batch := await lot_pass.batch(2):
+                taken += batch
+                for d in batch:
+                    if int(d.message.body) in (9, 10):
+                        await lot_pass.ack(d)
+            assert [int(d.message.body) for d in taken] == list(range(11))
+            assert len(lot_pass._windows) == 4
+        order = [int(m.body) for m in await drain_queue(amqp, names.parked, expect=9,
+                                                        timeout=10)]
+        assert order == [0, 1, 2, 3, 4, 5, 6, 7, 8]
+    finally:
         await admin.close()
 
 
@@ -178,6 +208,70 @@ async def test_campaign_traffic_is_replayed_onto_the_bulk_lane(
     (bulk,) = await drain_queue(amqp, names.send_queue("http", "bulk"), expect=1, timeout=10)
     (main,) = await drain_queue(amqp, names.send_queue("http"), expect=1, timeout=10)
     assert (bulk.message_id, main.message_id) == ("c-1", "t-1")
+
+
+async def test_thirty_passes_over_the_parking_queue_leave_every_other_message_parked(
+    amqp: AbstractRobustConnection, prefix: str, db: asyncpg.Connection,
+    sandbox: RunningSandbox, start_service: ServiceFactory, lot: Lot,
+) -> None:
+    """Issue #13: one message replayed (and parked again) 20 times, and RabbitMQ
+    4.0 dropped the others, each pass having counted as one of their 20 default
+    deliveries. Every pass holds and returns every parked message."""
+    names = Names(prefix)
+    await start_service()
+    broken = sandbox.url("broken", status=400)
+    await publish_all(amqp, prefix, [request("again-1", broken)]
+                      + [request(f"stay-{i}", broken) for i in range(5)])
+    await wait_parked(db, amqp, prefix, 6)
+    stay = [pid for pid in parked_ids(await peek(names.parked))
+            if pid != str(await _parked_id(db, "again-1"))]
+    assert len(stay) == 5
+
+    for round_ in range(30):
+        chosen = await _parked_id(db, "again-1")
+        report = await replay(lot, ReplayOptions(Selection(ids=(chosen,))), "test")
+        assert report.replayed == 1, (round_, report)
+
+        async def parked_again(chosen: uuid.UUID = chosen) -> bool:
+            again = await _parked_id(db, "again-1")
+            return again not in (None, chosen) and await queue_depth(amqp, names.parked) == 6
+
+        await wait_for(parked_again, timeout=30, what=f"again-1 parked again (round {round_})")
+
+    order = parked_ids(await peek(names.parked))
+    assert order[:5] == stay and order[5] == str(await _parked_id(db, "again-1")), (order, stay)
+    for held in names.holding:
+        assert await queue_depth(amqp, names.overflow_of(held)) == 0
+    assert sandbox.sandbox.accepted_counts()["stay-0"] == 0
+
+
+@pytest.mark.parametrize("every", [1, 2], ids=["all", "every-other"])
+async def test_a_replay_acks_every_message_it_replayed(
+    amqp: AbstractRobustConnection, prefix: str, db: asyncpg.Connection, lot: Lot, every: int,
+) -> None:
+    """Acks sent in a burst and the channel closed at once: RabbitMQ 4.0 kept
+    the settlements past the first 32 and dropped them with the channel, and
+    the replayed messages came back to the lot (24 of 64). Replaying all of
+    them gives one run of acks; every other one gives single acks."""
+    names = Names(prefix)
+    reqs = [(request(f"w-{i}", "http://127.0.0.1:9/x"),
+             "permission" if i % every == 0 else "invalid") for i in range(64)]
+    await park_directly(amqp, db, prefix, reqs, attempts=1)
+    kept = [f"w-{i}" for i in range(64) if i % every != 0]
+
+    report = await replay(lot, ReplayOptions(Selection(error_types=("permission",))), "test")
+
+    assert report.replayed == 64 - len(kept)
+    left = await peek(names.parked)
+    assert [m.message_id for m in left] == kept
+    assert await queue_depth(amqp, names.send_queue("http")) == 64 - len(kept)
+
+
+async def _parked_id(db: asyncpg.Connection, message_id: str) -> uuid.UUID | None:
+    value = await db.fetchval(
+        "SELECT parked_id FROM parked_messages WHERE message_id = $1 AND state = 'parked'",
+        message_id)
+    return None if value is None else uuid.UUID(str(value))
 
 
 async def test_a_second_pass_waits_for_the_first(lot: Lot, prefix: str) -> None:
@@ -467,6 +561,7 @@ async def test_a_message_the_broker_parked_by_itself_is_indexed_by_sync_and_repl
     names = Names(prefix)
     await publish_all(amqp, prefix, [request("crashy-1", sandbox.url("ok"))])
     # A consumer that keeps dying on it: the delivery limit dead-letters it to parked.
+    # (reject, not nack: from RabbitMQ 4.3 on a nack does not count as a delivery.)
     channel = await amqp.channel()
     queue = await channel.get_queue(names.send_queue("http"), ensure=False)
     for _ in range(100):
@@ -476,7 +571,7 @@ async def test_a_message_the_broker_parked_by_itself_is_indexed_by_sync_and_repl
                 break
             await asyncio.sleep(0.05)
             continue
-        await message.nack(requeue=True)
+        await message.reject(requeue=True)
     await channel.close()
     assert await queue_depth(amqp, names.parked) == 1
     env = herald_env(prefix, db_url)

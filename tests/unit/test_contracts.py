@@ -104,7 +104,7 @@ def test_every_exchange_publishers_or_listeners_use_is_documented() -> None:
     documented = {ch["bindings"]["amqp"].get("exchange", {}).get("name")
                   for ch in doc["channels"].values()} - {None}
     internal = {f"herald.delay.{level}" for level in range(DELAY_LEVELS)} | {
-        "herald.delay.deliver", "herald.parked"}
+        "herald.delay.deliver", "herald.parked", "herald.overflow"}
     exchanges = {e["name"] for e in Topology(Names("herald")).exchanges}
     assert exchanges - internal == documented
     assert doc["channels"]["parked"]["address"] == "herald.parked"

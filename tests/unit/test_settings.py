@@ -190,6 +190,9 @@ URLS_WITH_SECRETS = [
     ("HERALD_AMQP_URL", f"amqp://user:{SECRET}@broker:99999/"),  # bad port
     ("HERALD_AMQP_URL", f"amqp://user:{SECRET}@[::1/"),  # unparseable
     ("HERALD_AMQP_URL", f"amqp://user:{SECRET}@x@[::1/"),  # '@' in the password, unparseable
+    # A cluster's nodes: every password is hidden, the bad URL's and the good ones'.
+    ("HERALD_AMQP_URL", f"amqp://u:{SECRET}@n1/,http://u:{SECRET}@n2/"),
+    ("HERALD_AMQP_URL", f"amqp://u:{SECRET}@n1:5672/,amqp://u:{SECRET}@n2:99999/"),
     ("HERALD_DATABASE_URL", f"mysql://herald:{SECRET}@db/herald"),
     ("HERALD_DATABASE_URL", f"mysql://db/herald?user=herald&password={SECRET}"),
     ("HERALD_PUBLIC_URL", f"ftp://user:{SECRET}@herald.example.com"),
@@ -205,6 +208,31 @@ def test_passwords_in_urls_never_appear_in_errors(var: str, value: str) -> None:
     assert SECRET not in message
     assert SECRET not in repr(info.value)
     assert "***" in message  # the rest of the value is still shown to help
+
+
+def test_amqp_url_takes_a_cluster_s_nodes_separated_by_commas() -> None:
+    s = Settings.from_env({"HERALD_AMQP_URL": " amqp://u:p@n1:5672/, amqps://u:p@n2/vh ,,"})
+    assert s.amqp_urls == ("amqp://u:p@n1:5672/", "amqps://u:p@n2/vh")
+    assert Settings().amqp_urls == ("amqp://guest:guest@127.0.0.1:5672/",)
+
+
+@pytest.mark.parametrize(("value", "said"), [
+    ("amqp://n1/,http://n2/", "URL 2 of 2 must be a amqp or amqps URL"),
+    ("amqp://n1:70000/,amqp://n2/", "URL 1 of 2 has an invalid port"),
+    (" , ,", "must name at least one amqp:// or amqps:// URL"),
+])
+def test_a_bad_node_url_is_named_in_one_line(value: str, said: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env({"HERALD_AMQP_URL": value})
+    message = str(info.value)
+    assert message.startswith(f"HERALD_AMQP_URL: {said}")
+    assert "\n" not in message
+
+
+def test_repr_masks_every_node_s_password() -> None:
+    s = Settings.from_env({"HERALD_AMQP_URL": f"amqp://a:{SECRET}@n1/,amqp://b:{SECRET}x@n2/"})
+    assert SECRET not in repr(s)
+    assert "amqp://a:***@n1/,amqp://b:***@n2/" in repr(s)
 
 
 def test_password_of_a_valid_url_stays_usable() -> None:

@@ -18,6 +18,7 @@ import pytest
 
 from consumer.topology import (
     DELAY_LEVELS,
+    HOLD_LIMIT,
     MAX_DELAY_S,
     Names,
     Topology,
@@ -253,12 +254,29 @@ def test_delay_queues_are_quorum_with_binary_ttls_and_safe_dead_lettering(
         assert args["x-overflow"] == "reject-publish"
 
 
-def test_parked_and_events_queues_keep_their_messages(topology: Topology, broker: Broker) -> None:
-    args_by_name = {q["name"]: q["arguments"] for q in topology.queues}
-    for name in (f"{PREFIX}.parked", f"{PREFIX}.events"):
-        assert args_by_name[name] == {"x-queue-type": "quorum"}
+@pytest.mark.parametrize("held", ["parked", "events"])
+def test_parked_and_events_queues_keep_their_messages(
+    topology: Topology, broker: Broker, held: str,
+) -> None:
+    """No broker version may drop what they hold (issue #13): an explicit limit
+    that means the same on 3.10, 4.0 and 4.3, and a dead-letter target."""
+    name = f"{PREFIX}.{held}"
+    args = topology.arguments_of(name)
+    assert args["x-queue-type"] == "quorum"
+    assert args["x-delivery-limit"] == HOLD_LIMIT >= 1_000_000  # never -1: 3.10 drops at once
+    assert args["x-dead-letter-strategy"] == "at-least-once"
+    assert args["x-overflow"] == "reject-publish"
+    assert "x-message-ttl" not in args
+    # Past the limit a message rests in the queue's own overflow queue, nowhere else.
+    assert broker.dead_letter(name, "anything") == [f"{name}.overflow"]
+    overflow = topology.arguments_of(f"{name}.overflow")
+    assert overflow == {"x-queue-type": "quorum", "x-delivery-limit": HOLD_LIMIT}
+
+
+def test_parked_and_events_exchanges_route_to_their_queues(broker: Broker) -> None:
     assert broker.route(f"{PREFIX}.parked", f"{PREFIX}.parked") == [f"{PREFIX}.parked"]
     assert broker.route(f"{PREFIX}.events", "twilio.delivered") == [f"{PREFIX}.events"]
+    assert broker.route(f"{PREFIX}.overflow", "anything") == []
 
 
 def test_everything_in_design_section_4_is_declared(topology: Topology) -> None:
@@ -275,8 +293,10 @@ def test_everything_in_design_section_4_is_declared(topology: Topology) -> None:
         assert f"{PREFIX}.send.{channel}" in queues
         assert f"{PREFIX}.send.{channel}.bulk" in queues  # campaign lane (issue #6)
     assert {f"{PREFIX}.parked", f"{PREFIX}.events"} <= queues
+    assert {f"{PREFIX}.parked.overflow", f"{PREFIX}.events.overflow"} <= queues
+    assert exchanges[f"{PREFIX}.overflow"] == "direct"
     assert all(q["arguments"]["x-queue-type"] == "quorum" for q in topology.queues)
-    assert len(queues) == len(topology.queues) == 2 * len(CHANNELS) + DELAY_LEVELS + 3
+    assert len(queues) == len(topology.queues) == 2 * len(CHANNELS) + DELAY_LEVELS + 6
     assert len(exchanges) == len(topology.exchanges)
     assert all(name == PREFIX or name.startswith(f"{PREFIX}.") for name in exchanges)
     assert all(name.startswith(f"{PREFIX}.") for name in queues)
