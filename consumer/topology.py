@@ -26,8 +26,8 @@ to its own ``{queue}.overflow``: nothing is ever dropped silently.
 Queues declared by an older Herald lack those arguments, and RabbitMQ refuses
 to declare a queue again with other arguments (``PRECONDITION_FAILED``).
 :meth:`Topology.declare` reports such queues as outdated instead of failing;
-``herald topology upgrade`` (:mod:`consumer.topology_upgrade`) rebuilds them
-without losing a message.
+docs/operations.md ("Queues declared by an older Herald") says how to rebuild
+them without losing a message.
 """
 
 from __future__ import annotations
@@ -246,7 +246,7 @@ class Topology:
                             f" declares ({said}); see docs/operations.md") from None
                     outdated.append(Outdated(q["name"], said))
                     log.warning("topology.queue_outdated", queue=q["name"], broker_said=said,
-                                fix="herald topology upgrade (docs/operations.md)")
+                                fix="docs/operations.md: Queues declared by an older Herald")
             for b in self.bindings:
                 source = exchanges[b["source"]]
                 if b["destination_type"] == "queue":

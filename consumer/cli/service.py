@@ -106,7 +106,7 @@ async def _topology_declare(args: argparse.Namespace, settings: Settings) -> int
           f"{len(topology.bindings)} bindings with prefix {settings.prefix!r}")
     for queue in outdated:
         print(f"outdated: {queue.queue} was declared by an older Herald ({queue.broker_said});"
-              " run `herald topology upgrade` (docs/operations.md)")
+              " see 'Queues declared by an older Herald' in docs/operations.md")
     return 0
 
 

@@ -437,7 +437,10 @@ class EventsConsumer:
             if id(message) in self._settled:
                 continue
             try:
-                await message.nack(requeue=True)
+                # reject, not nack: from RabbitMQ 4.3 on only a reject counts as a
+                # delivery, and the queue's delivery limit must see an event that
+                # keeps coming back.
+                await message.reject(requeue=True)
             except Exception as exc:  # the channel died: the broker has them back already
                 log.warning("events.nack_lost", error=repr(exc)[:200])
         self._settled.clear()
