@@ -160,6 +160,18 @@ class RetrySpec(BaseModel):
                     "shipped rules; max_attempts above is the budget of the other kinds.")
 
 
+
+def _storable_within(value: str, max_bytes: int, why: str = "") -> str:
+    """``value`` if PostgreSQL and AMQP can carry it and it is at most ``max_bytes``
+    in UTF-8; else ValueError saying what is wrong."""
+    problem = text_problem(value)
+    if problem is not None:
+        raise ValueError(problem)
+    size = len(value.encode("utf-8"))
+    if size > max_bytes:
+        raise ValueError(f"is {size} bytes in UTF-8; at most {max_bytes}{why}")
+    return value
+
 class SendRequest(BaseModel):
     """One message to deliver. ``message_id`` is the idempotency key."""
 
@@ -201,25 +213,12 @@ class SendRequest(BaseModel):
     @field_validator("message_id")
     @classmethod
     def _message_id_fits(cls, value: str) -> str:
-        problem = text_problem(value)
-        if problem is not None:
-            raise ValueError(problem)
-        size = len(value.encode("utf-8"))
-        if size > MAX_MESSAGE_ID_BYTES:
-            raise ValueError(f"is {size} bytes in UTF-8; at most {MAX_MESSAGE_ID_BYTES} (it is"
-                             " the AMQP message-id)")
-        return value
+        return _storable_within(value, MAX_MESSAGE_ID_BYTES, " (it is the AMQP message-id)")
 
     @field_validator("to")
     @classmethod
     def _recipient_fits(cls, value: str) -> str:
-        problem = text_problem(value)
-        if problem is not None:
-            raise ValueError(problem)
-        size = len(value.encode("utf-8"))
-        if size > MAX_RECIPIENT_BYTES:
-            raise ValueError(f"is {size} bytes in UTF-8; at most {MAX_RECIPIENT_BYTES}")
-        return value
+        return _storable_within(value, MAX_RECIPIENT_BYTES)
 
     @field_validator("campaign_id")
     @classmethod
