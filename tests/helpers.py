@@ -10,6 +10,7 @@ from typing import Any
 
 import aio_pika
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
+from prometheus_client import REGISTRY
 
 from consumer.publisher import Publisher
 from consumer.topology import Names
@@ -108,3 +109,8 @@ def broker_version(connection: AbstractRobustConnection) -> tuple[int, int]:
     raw = str(connection.transport.connection.server_properties["version"])
     major, minor = raw.split(".")[:2]
     return int(major), int(minor)
+
+
+def metric(name: str, **labels: str) -> float:
+    """A sample of this process's Prometheus registry (0 before its first count)."""
+    return REGISTRY.get_sample_value(name, labels) or 0.0

@@ -8,16 +8,15 @@ import asyncio
 
 import asyncpg
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
-from prometheus_client import REGISTRY
 
 from consumer.delivery.channels import ChannelControl
 from consumer.topology import Names
 from tests.conftest import RunningSandbox, ServiceFactory
-from tests.helpers import publish_all, queue_depth, request, wait_for
+from tests.helpers import metric, publish_all, queue_depth, request, wait_for
 
 
 def prefetch(channel: str, lane: str) -> float:
-    return REGISTRY.get_sample_value("herald_prefetch", {"channel": channel, "lane": lane}) or 0.0
+    return metric("herald_prefetch", channel=channel, lane=lane)
 
 
 async def _sent(db: asyncpg.Connection) -> int:

@@ -25,7 +25,6 @@ import aio_pika
 import asyncpg
 import pytest
 from aio_pika.abc import AbstractRobustConnection
-from prometheus_client import REGISTRY
 from structlog.testing import capture_logs
 
 from consumer.publisher import Publisher
@@ -33,7 +32,15 @@ from consumer.settings import Settings
 from consumer.store import Store, create_pool, is_data_error
 from consumer.topology import Names
 from tests.conftest import RunningSandbox, ServiceFactory
-from tests.helpers import drain_queue, publish_all, publish_raw, queue_depth, request, wait_for
+from tests.helpers import (
+    drain_queue,
+    metric,
+    publish_all,
+    publish_raw,
+    queue_depth,
+    request,
+    wait_for,
+)
 
 
 @pytest.fixture
@@ -44,9 +51,6 @@ async def store(settings: Settings) -> AsyncIterator[Store]:
     await store.close()
     await pool.close()
 
-
-def metric(name: str, **labels: str) -> float:
-    return REGISTRY.get_sample_value(name, labels) or 0.0
 
 
 def claim_item(message_id: str, *, attempt: int = 1, base: int = 0,

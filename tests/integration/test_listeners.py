@@ -12,20 +12,16 @@ import aiohttp
 import pytest
 import uvloop
 from aiohttp import web
-from prometheus_client import REGISTRY
 from structlog.testing import capture_logs
 
 from consumer.http_server import PUBLIC_DEADLINES, Deadlines, Listener
 from consumer.sandbox.env import SandboxCredentials
 from consumer.service import Service
 from consumer.settings import Settings
-from tests.helpers import wait_for
+from tests.helpers import metric, wait_for
 
 TOKEN = "ops-2b7e151628aed2a6"
 
-
-def metric(name: str, **labels: str) -> float:
-    return REGISTRY.get_sample_value(name, labels) or 0.0
 
 
 @pytest.fixture

@@ -8,12 +8,11 @@ from collections import Counter
 
 import asyncpg
 from aio_pika.abc import AbstractRobustConnection
-from prometheus_client import REGISTRY
 
 from consumer.publisher import Publisher
 from consumer.topology import Names
 from tests.conftest import RunningSandbox, ServiceFactory
-from tests.helpers import drain_queue, publish_all, queue_depth, request, wait_for
+from tests.helpers import drain_queue, metric, publish_all, queue_depth, request, wait_for
 
 
 async def _statuses(db: asyncpg.Connection) -> Counter[str]:
@@ -107,22 +106,19 @@ async def test_same_message_id_published_twice_is_delivered_once(
     sandbox: RunningSandbox, start_service: ServiceFactory,
 ) -> None:
     await start_service()
-    suppressed_before = _sample("herald_duplicates_suppressed_total", channel="http")
+    suppressed_before = metric("herald_duplicates_suppressed_total", channel="http")
     r = request("dup-1", sandbox.url("ok"))
     await publish_all(amqp, prefix, [r, r])
     await publish_all(amqp, prefix, [r])
 
     await wait_for(
-        lambda: _sample("herald_duplicates_suppressed_total", channel="http")
+        lambda: metric("herald_duplicates_suppressed_total", channel="http")
         - suppressed_before >= 2,
         timeout=10, what="two copies suppressed",
     )
     assert sandbox.sandbox.accepted_counts() == {"dup-1": 1}
     assert await db.fetchval("SELECT count(*) FROM delivery_attempts") == 1
 
-
-def _sample(name: str, **labels: str) -> float:
-    return REGISTRY.get_sample_value(name, labels) or 0.0
 
 
 async def test_retry_after_is_respected(

@@ -17,7 +17,6 @@ from urllib.parse import parse_qsl, urlencode
 import aiohttp
 import pytest
 from aio_pika.abc import AbstractRobustConnection
-from prometheus_client import REGISTRY
 from structlog.testing import capture_logs
 
 from consumer.sandbox.env import SandboxCredentials, sandbox_env
@@ -27,7 +26,7 @@ from consumer.status.signatures import meta_signature, twilio_signature, verify_
 from consumer.status.webhooks import MAX_TWILIO_BYTES, MAX_TWILIO_FIELDS
 from schemas import ProviderEvent
 from tests.conftest import free_port, herald_env
-from tests.helpers import drain_queue, queue_depth
+from tests.helpers import drain_queue, metric, queue_depth
 
 CREDS = SandboxCredentials()
 SID = "SM" + "ab" * 16
@@ -70,9 +69,6 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession() as session:
         yield session
 
-
-def metric(name: str, **labels: str) -> float:
-    return REGISTRY.get_sample_value(name, labels) or 0.0
 
 
 def twilio_params(status: str = "delivered", sid: str = SID, **extra: str) -> list[tuple[str, str]]:
