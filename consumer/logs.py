@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import sys
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Iterator, Mapping, MutableMapping
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -110,6 +111,21 @@ def configure(level: str = "info", *, json_output: bool = True) -> None:
         logger_factory=structlog.PrintLoggerFactory(sys.stderr),
         cache_logger_on_first_use=True,
     )
+
+
+@contextlib.contextmanager
+def bound(**fields: Any) -> Iterator[None]:
+    """Add ``fields`` to every log line in this block, then restore what they were.
+
+    Like ``structlog.contextvars.bound_contextvars`` without its snapshot of
+    the whole context on entry (a tenth of a delivery's logging cost): each
+    variable is put back with its own token.
+    """
+    tokens = structlog.contextvars.bind_contextvars(**fields)
+    try:
+        yield
+    finally:
+        structlog.contextvars.reset_contextvars(**tokens)
 
 
 def get_logger(name: str) -> Any:

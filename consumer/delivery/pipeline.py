@@ -47,6 +47,7 @@ from consumer.delivery.outage import outage_key
 from consumer.delivery.recipients import validate_recipient
 from consumer.delivery.rules import RetryPlan
 from consumer.errors import DeliveryError, ErrorType, Unstorable
+from consumer.logs import bound
 from consumer.parking.park import park
 from consumer.providers.base import Provider
 from consumer.publisher import Publisher
@@ -167,7 +168,7 @@ class Pipeline:
         """Handle one delivery and ack it last. Returns None when left unacked."""
         metrics.child(metrics.CONSUMED, channel).inc()
         try:
-            with structlog.contextvars.bound_contextvars(channel=channel):
+            with bound(channel=channel):
                 outcome = await self._handle(message, channel, lane)
         except Stopping:
             log.info("delivery.left_for_redelivery", channel=channel)
@@ -196,7 +197,7 @@ class Pipeline:
             await self._park_invalid(message, channel, copy.attempt, problem)
             return Outcome("parked", None, copy.attempt, ErrorType.INVALID_PAYLOAD)
 
-        with structlog.contextvars.bound_contextvars(
+        with bound(
             message_id=request.message_id, campaign_id=request.campaign_id,
             attempt=copy.attempt
         ):

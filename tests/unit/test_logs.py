@@ -12,7 +12,7 @@ import structlog
 from structlog.testing import LogCapture
 
 from consumer import logs
-from consumer.logs import _mask_recipients, mask_recipient
+from consumer.logs import _mask_recipients, bound, mask_recipient
 
 PHONE = "+15551234567"
 PSID = "6543210987654321"
@@ -260,3 +260,22 @@ def test_a_parked_copy_is_indexed_with_its_credential_headers_masked() -> None:
     assert row["headers"]["trace"] == "abc"
     assert row["headers"]["x-first-death-reason"] == "delivery_limit"
     assert "publisher-secret" not in json.dumps(row["headers"])
+
+
+def test_bound_fields_are_restored_as_they_were_after_the_block() -> None:
+    structlog.contextvars.clear_contextvars()
+    structlog.contextvars.bind_contextvars(channel="sms")
+    with bound(channel="http", message_id="m-1"):
+        assert structlog.contextvars.get_contextvars() == {"channel": "http",
+                                                           "message_id": "m-1"}
+        with bound(message_id="m-2"):
+            assert structlog.contextvars.get_contextvars()["message_id"] == "m-2"
+        assert structlog.contextvars.get_contextvars()["message_id"] == "m-1"
+    assert structlog.contextvars.get_contextvars() == {"channel": "sms"}
+    try:
+        with bound(attempt=2):
+            raise ValueError("boom")
+    except ValueError:
+        pass
+    assert structlog.contextvars.get_contextvars() == {"channel": "sms"}
+    structlog.contextvars.clear_contextvars()
