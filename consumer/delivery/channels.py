@@ -41,6 +41,7 @@ from aio_pika.abc import (
 
 from consumer import metrics
 from consumer.broker import watch_cancellations
+from consumer.delivery.acks import ChannelAcks
 from consumer.delivery.inflight import InFlight
 from consumer.delivery.pipeline import Pipeline
 from consumer.topology import LANES, Names
@@ -78,6 +79,9 @@ class LaneConsumer:
         self.full_speed = True  # False while the channel is paused or probing
         self._qos: int | None = None  # the prefetch the current consumer started with
         self._lock = asyncio.Lock()  # consuming, cancelling and re-consuming
+        # The acks of the AMQP channel now delivering (a robust channel replaces its
+        # channel after a reconnection; the deliveries of the old one keep theirs).
+        self._acks: tuple[Any, ChannelAcks] | None = None
         self._prefetch_gauge = metrics.PREFETCH.labels(channel_name, lane)
         self._prefetch_gauge.set(prefetch)
 
@@ -160,18 +164,37 @@ class LaneConsumer:
         # broker connection drops, aio-pika cancels its consumer tasks, and a send
         # already made must still be recorded (or the redelivered copy would be
         # sent again). Only the graceful drain cancels our tasks.
-        task = asyncio.create_task(self._process(message))
+        task = asyncio.create_task(self._process(message, self._acks_of(message)))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
         await asyncio.shield(task)
 
-    async def _process(self, message: AbstractIncomingMessage) -> None:
+    def _acks_of(self, message: AbstractIncomingMessage) -> ChannelAcks | None:
+        """The acks of the channel that delivered ``message``, which is counted
+        in; None when that channel is already closed (the ack fails as usual)."""
+        try:
+            channel = message.channel
+        except Exception:
+            return None
+        if self._acks is None or self._acks[0] is not channel:
+            self._acks = (channel, ChannelAcks(
+                lambda tag, multiple: channel.basic_ack(delivery_tag=tag, multiple=multiple)))
+        acks = self._acks[1]
+        assert message.delivery_tag is not None  # consumed with acks
+        acks.delivered(message.delivery_tag)
+        return acks
+
+    async def _process(self, message: AbstractIncomingMessage,
+                       acks: ChannelAcks | None) -> None:
         self._in_flight.inc()
         adapt = self._adapt
         if adapt is not None:
             adapt.sample(asyncio.get_running_loop().time(), len(self.tasks))
         try:
-            await self.pipeline.process(message, self.channel_name, self.lane)
+            tag = message.delivery_tag
+            await self.pipeline.process(
+                message, self.channel_name, self.lane,
+                ack=None if acks is None or tag is None else lambda: acks.ack(tag))
         except Exception as exc:
             # Unexpected (e.g. a database error that is not an outage): hand the
             # message back for redelivery; x-delivery-limit parks one that keeps
@@ -181,6 +204,9 @@ class LaneConsumer:
                       exc_info=exc)
             with contextlib.suppress(Exception):
                 await message.reject(requeue=True)
+                # Only once the reject is written: an ack run after it may pass over it.
+                if acks is not None and message.delivery_tag is not None:
+                    acks.rejected(message.delivery_tag)
         finally:
             self._in_flight.dec()
             if adapt is not None:

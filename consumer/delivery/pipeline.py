@@ -163,9 +163,11 @@ class Pipeline:
     # -- the one place that acks ------------------------------------------------
 
     async def process(
-        self, message: AbstractIncomingMessage, channel: str, lane: str = "main"
+        self, message: AbstractIncomingMessage, channel: str, lane: str = "main", *,
+        ack: Callable[[], Awaitable[None]] | None = None,
     ) -> Outcome | None:
-        """Handle one delivery and ack it last. Returns None when left unacked."""
+        """Handle one delivery and ack it last (with ``ack`` when given: the lane's
+        coalesced acks). Returns None when left unacked."""
         metrics.child(metrics.CONSUMED, channel).inc()
         try:
             with bound(channel=channel):
@@ -174,7 +176,7 @@ class Pipeline:
             log.info("delivery.left_for_redelivery", channel=channel)
             return None
         try:
-            await message.ack()
+            await (message.ack() if ack is None else ack())
         except Exception as exc:  # the channel died: the broker will redeliver
             log.warning("delivery.ack_lost", channel=channel, error=repr(exc))
         return outcome

@@ -43,11 +43,11 @@ def crash_on(service: Service, message_id: str) -> list[int]:
     calls: list[int] = []
 
     async def process(message: AbstractIncomingMessage, channel: str,
-                      lane: str = "main") -> Any:
+                      lane: str = "main", **kwargs: Any) -> Any:
         if json.loads(message.body).get("message_id") == message_id:
             calls.append(1)
             raise RuntimeError(f"the handler crashes on {message_id}")
-        return await real(message, channel, lane)
+        return await real(message, channel, lane, **kwargs)
 
     pipeline.process = process  # type: ignore[method-assign]
     return calls

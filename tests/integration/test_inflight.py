@@ -5,6 +5,7 @@ keeps the configured one; a channel that probed takes its whole prefetch again."
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 
 import asyncpg
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
@@ -77,11 +78,12 @@ class HoldingPipeline:
             self.gate.release()
 
     async def process(self, message: AbstractIncomingMessage, channel: str,
-                      lane: str = "main") -> None:
+                      lane: str = "main", *,
+                      ack: Callable[[], Awaitable[None]] | None = None) -> None:
         self.held += 1
         try:
             await self.gate.acquire()
-            await message.ack()
+            await (message.ack() if ack is None else ack())
         finally:
             self.held -= 1
 
