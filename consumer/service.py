@@ -173,6 +173,14 @@ class Service:
                   and (self.only_channels is None or c in self.only_channels)]
         if "senders" not in self.roles:
             active = []
+        self.components = self._components(self.connection, self.pool, self.store)
+        for component in self.components:
+            await component.start()
+        if self.serve_http:
+            await self._start_listeners(self.connection, self.pool)
+        # The senders last: with a backlog waiting they take the whole event loop,
+        # and whatever started after them (the events consumer, /healthz) waited
+        # seconds for it, long enough for a startup probe to give up.
         for channel in active:
             # A channel with a rate keeps its prefetch: the rate, not the
             # provider's latency, bounds what it has in flight.
@@ -182,11 +190,6 @@ class Service:
             await consumer.start()
             self.channels.add(consumer)
             metrics.CHANNEL_RATE.labels(channel).set(s.rate_for(channel) or 0)
-        self.components = self._components(self.connection, self.pool, self.store)
-        for component in self.components:
-            await component.start()
-        if self.serve_http:
-            await self._start_listeners(self.connection, self.pool)
         if "sms" in self.providers:
             problem = callback_problem(s.public_url, s.twilio_base_url)
             if problem:

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import asyncpg
 from aio_pika.abc import AbstractRobustConnection
+from structlog.testing import capture_logs
 
 from tests.conftest import RunningSandbox, ServiceFactory
 from tests.helpers import publish_all, request, wait_for
@@ -22,3 +23,23 @@ async def test_one_message_is_sent_and_recorded(
     assert row["attempts"] == 1
     assert row["provider_message_id"].startswith("http-")
     assert sandbox.sandbox.accepted_counts() == {"m-1": 1}
+
+
+async def test_with_a_backlog_waiting_the_senders_start_last(
+    amqp: AbstractRobustConnection, prefix: str, db: asyncpg.Connection,
+    sandbox: RunningSandbox, start_service: ServiceFactory,
+) -> None:
+    """Senders started first took the event loop for the backlog, and the events
+    consumer and the listeners (/healthz for a startup probe) waited seconds."""
+    await publish_all(amqp, prefix, [request(f"b-{i}", sandbox.url("ok")) for i in range(300)])
+    with capture_logs() as logs:
+        await start_service()
+
+        async def all_sent() -> bool:
+            return await db.fetchval(
+                "SELECT count(*) FROM messages WHERE status = 'sent'") == 300
+
+        await wait_for(all_sent, timeout=60, what="the backlog sent")
+    events = [entry["event"] for entry in logs]
+    assert events.index("events.started") < events.index("consumer.started")
+    assert events.index("consumer.started") < events.index("service.started")
