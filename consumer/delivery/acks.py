@@ -25,18 +25,40 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+# How many deliveries a ledger tracks behind the oldest one not settled. A
+# channel has at most HERALD_PREFETCH_MAX (2048) unacked at once; past this
+# many the oldest is stuck (left unacked on purpose), the ledger stops
+# coalescing and acks everything alone, and its memory stays bounded.
+TRACK_LIMIT = 16_384
+
 
 class AckLedger:
     """Which acks to send for the deliveries of one channel (no I/O)."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, track_limit: int = TRACK_LIMIT) -> None:
         self._outstanding: deque[int] = deque()  # delivered, in tag order
         self._expected = 1  # the lowest tag not yet settled by a run
         self._finished: set[int] = set()  # to ack, not yet sent
         self._settled: set[int] = set()  # acked alone, or settled otherwise
+        self._track_limit = track_limit
+        self.coalescing = True  # False: every ack goes alone from now on
 
     def delivered(self, tag: int) -> None:
+        if not self.coalescing:
+            return
+        if not self._outstanding and tag != self._expected:
+            # Tags below it were delivered before this ledger existed: a run
+            # could never start, so none is attempted.
+            self._stop_coalescing()
+            return
         self._outstanding.append(tag)
+        if len(self._outstanding) > self._track_limit:
+            self._stop_coalescing()
+
+    def _stop_coalescing(self) -> None:
+        self.coalescing = False
+        self._outstanding.clear()
+        self._settled.clear()
 
     def finished(self, tag: int) -> None:
         """The delivery is to be acked."""
@@ -45,13 +67,22 @@ class AckLedger:
     def settled(self, tag: int) -> None:
         """The delivery was settled some other way (rejected): never ack it."""
         self._finished.discard(tag)
-        self._settled.add(tag)
+        if self.coalescing:
+            self._settled.add(tag)
 
     def take(self) -> list[tuple[int, bool]]:
         """The acks to send now, as ``(tag, multiple)``, in order."""
         acks: list[tuple[int, bool]] = []
+        if not self.coalescing:
+            acks = [(tag, False) for tag in sorted(self._finished)]
+            self._finished.clear()
+            return acks
         run_end: int | None = None
         outstanding = self._outstanding
+        if outstanding and outstanding[0] != self._expected:
+            # A tag this ledger never saw: no run may pass it.
+            self._stop_coalescing()
+            return self.take()
         while outstanding and outstanding[0] == self._expected:
             tag = outstanding[0]
             if tag in self._finished:

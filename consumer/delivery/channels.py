@@ -79,9 +79,10 @@ class LaneConsumer:
         self.full_speed = True  # False while the channel is paused or probing
         self._qos: int | None = None  # the prefetch the current consumer started with
         self._lock = asyncio.Lock()  # consuming, cancelling and re-consuming
-        # The acks of the AMQP channel now delivering (a robust channel replaces its
-        # channel after a reconnection; the deliveries of the old one keep theirs).
-        self._acks: tuple[Any, ChannelAcks] | None = None
+        # The acks of each AMQP channel delivering to this lane, by the channel's
+        # id: a robust channel replaces its channel after a reconnection, and a
+        # late delivery of the old one must not reset the new one's ledger.
+        self._acks: dict[int, tuple[Any, ChannelAcks]] = {}
         self._prefetch_gauge = metrics.PREFETCH.labels(channel_name, lane)
         self._prefetch_gauge.set(prefetch)
 
@@ -176,11 +177,17 @@ class LaneConsumer:
             channel = message.channel
         except Exception:
             return None
-        if self._acks is None or self._acks[0] is not channel:
-            self._acks = (channel, ChannelAcks(
+        if message.delivery_tag is None:  # never, consuming with acks
+            return None
+        known = self._acks.get(id(channel))
+        if known is None or known[0] is not channel:
+            for key, (other, _) in list(self._acks.items()):
+                if other.is_closed:
+                    del self._acks[key]
+            known = (channel, ChannelAcks(
                 lambda tag, multiple: channel.basic_ack(delivery_tag=tag, multiple=multiple)))
-        acks = self._acks[1]
-        assert message.delivery_tag is not None  # consumed with acks
+            self._acks[id(channel)] = known
+        acks = known[1]
         acks.delivered(message.delivery_tag)
         return acks
 

@@ -76,7 +76,9 @@ def test_tags_the_ledger_never_saw_stop_the_run() -> None:
 @given(st.data())
 def test_no_ack_ever_covers_a_delivery_that_is_not_finished(data: st.DataObject) -> None:
     n = data.draw(st.integers(1, 40))
-    ledger = ledger_with(n)
+    ledger = AckLedger(track_limit=data.draw(st.integers(1, 60)))
+    for tag in range(1, n + 1):
+        ledger.delivered(tag)
     fate = {tag: data.draw(st.sampled_from(["ack", "reject", "keep"])) for tag in range(1, n + 1)}
     order = data.draw(st.permutations([t for t in fate if fate[t] != "keep"]))
     acked: set[int] = set()
@@ -184,3 +186,38 @@ async def test_writes_keep_their_order_when_one_waits_for_the_socket() -> None:
     socket_free.set()
     await asyncio.wait_for(asyncio.gather(first, second), 5)
     assert sent == [(1, True), (3, False), (5, True)]
+
+
+def test_a_ledger_that_missed_earlier_tags_acks_everything_alone() -> None:
+    ledger = AckLedger()
+    for tag in (7, 8, 9):  # 1-6 were delivered before it existed
+        ledger.delivered(tag)
+    ledger.finished(8)
+    ledger.finished(7)
+    assert ledger.take() == [(7, False), (8, False)]
+    assert not ledger.coalescing and ledger.pending == 0
+
+
+def test_a_gap_in_the_tags_stops_coalescing() -> None:
+    ledger = ledger_with(2)
+    ledger.finished(1)
+    ledger.finished(2)
+    assert ledger.take() == [(2, True)]
+    ledger.delivered(4)  # 3 never reached the ledger
+    ledger.finished(4)
+    assert ledger.take() == [(4, False)]
+    assert not ledger.coalescing
+
+
+def test_behind_a_delivery_stuck_for_good_the_memory_stays_bounded() -> None:
+    ledger = AckLedger(track_limit=100)
+    ledger.delivered(1)  # never finished: left unacked on purpose
+    for tag in range(2, 500):
+        ledger.delivered(tag)
+        ledger.finished(tag)
+        assert ledger.take() == [(tag, False)]
+    assert not ledger.coalescing
+    assert ledger.pending == 0
+    # Still never acked: 1 is not covered by anything sent after it.
+    ledger.finished(1)
+    assert ledger.take() == [(1, False)]
