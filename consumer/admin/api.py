@@ -60,6 +60,7 @@ from consumer.admin.openapi import document as openapi_document
 from consumer.admin.tokens import AdminToken, authenticate, parse_tokens
 from consumer.errors import ConfigError
 from consumer.gauges import queue_depths
+from consumer.logs import bound
 from consumer.parking.lot import (
     Lot,
     LotError,
@@ -146,7 +147,7 @@ class AdminApi:
                                  f" {caller.role!r}, which may only read")
         token = _caller.set(caller)
         try:
-            with structlog.contextvars.bound_contextvars(admin=caller.label):
+            with bound(admin=caller.label):
                 return await handler(request)
         finally:
             _caller.reset(token)

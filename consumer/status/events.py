@@ -65,7 +65,7 @@ from consumer.broker import watch_cancellations
 from consumer.delivery.decision import Park, copy_headers, decide
 from consumer.delivery.pipeline import lane_of
 from consumer.errors import DeliveryError, ErrorType
-from consumer.logs import mask_recipient
+from consumer.logs import bound, mask_recipient
 from consumer.parking.park import park
 from consumer.providers.classify import Rule, as_int, make_error, mask_recipient_in, rule
 from consumer.providers.messenger import messenger_rule
@@ -536,7 +536,7 @@ class EventsConsumer:
                 "parked_id": str(uuid.uuid4()) if isinstance(decision, Park) else None,
             })
             outcomes[row["row_id"]] = decision.kind
-            with structlog.contextvars.bound_contextvars(
+            with bound(
                 message_id=row["message_id"], channel=row["channel"], attempt=row["attempts"]
             ):
                 log.info("events.failure_reported", provider=row["provider"],

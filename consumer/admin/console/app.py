@@ -35,7 +35,7 @@ from consumer.admin.jobs import LotJobs, selection_params
 from consumer.admin.tokens import AdminToken, find_token
 from consumer.errors import ConfigError, ErrorType
 from consumer.gauges import backlog_ages, queue_depths
-from consumer.logs import mask_recipient, mask_tree
+from consumer.logs import bound, mask_recipient, mask_tree
 from consumer.parking.lot import (
     Lot,
     LotError,
@@ -366,7 +366,7 @@ class Console:
                 log.warning("console.csrf_refused", path=request.path, actor=session.label)
                 return self._refusal(request, 403, "refused: the form's CSRF token is missing"
                                      " or wrong (reload the page and try again)")
-        with structlog.contextvars.bound_contextvars(console=session.label):
+        with bound(console=session.label):
             return await handler(request)
 
     def _same_origin(self, request: web.Request) -> bool:
