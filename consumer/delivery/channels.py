@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from typing import Any
 
 import structlog
@@ -170,14 +171,16 @@ class LaneConsumer:
         task.add_done_callback(self.tasks.discard)
         await asyncio.shield(task)
 
-    def _acks_of(self, message: AbstractIncomingMessage) -> ChannelAcks | None:
+    def _acks_of(self, message: AbstractIncomingMessage) -> tuple[ChannelAcks, int] | None:
         """The acks of the channel that delivered ``message``, which is counted
-        in; None when that channel is already closed (the ack fails as usual)."""
+        in, and its delivery tag; None when that channel is already closed (the
+        ack fails as usual)."""
         try:
             channel = message.channel
         except Exception:
             return None
-        if message.delivery_tag is None:  # never, consuming with acks
+        tag = message.delivery_tag
+        if tag is None:  # never, consuming with acks
             return None
         known = self._acks.get(id(channel))
         if known is None or known[0] is not channel:
@@ -188,20 +191,19 @@ class LaneConsumer:
                 lambda tag, multiple: channel.basic_ack(delivery_tag=tag, multiple=multiple)))
             self._acks[id(channel)] = known
         acks = known[1]
-        acks.delivered(message.delivery_tag)
-        return acks
+        acks.delivered(tag)
+        return acks, tag
 
     async def _process(self, message: AbstractIncomingMessage,
-                       acks: ChannelAcks | None) -> None:
+                       settle: tuple[ChannelAcks, int] | None) -> None:
         self._in_flight.inc()
         adapt = self._adapt
         if adapt is not None:
             adapt.sample(asyncio.get_running_loop().time(), len(self.tasks))
         try:
-            tag = message.delivery_tag
             await self.pipeline.process(
                 message, self.channel_name, self.lane,
-                ack=None if acks is None or tag is None else lambda: acks.ack(tag))
+                ack=None if settle is None else functools.partial(settle[0].ack, settle[1]))
         except Exception as exc:
             # Unexpected (e.g. a database error that is not an outage): hand the
             # message back for redelivery; x-delivery-limit parks one that keeps
@@ -212,8 +214,8 @@ class LaneConsumer:
             with contextlib.suppress(Exception):
                 await message.reject(requeue=True)
                 # Only once the reject is written: an ack run after it may pass over it.
-                if acks is not None and message.delivery_tag is not None:
-                    acks.rejected(message.delivery_tag)
+                if settle is not None:
+                    settle[0].rejected(settle[1])
         finally:
             self._in_flight.dec()
             if adapt is not None:
