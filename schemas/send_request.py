@@ -160,7 +160,6 @@ class RetrySpec(BaseModel):
                     "shipped rules; max_attempts above is the budget of the other kinds.")
 
 
-
 def _storable_within(value: str, max_bytes: int, why: str = "") -> str:
     """``value`` if PostgreSQL and AMQP can carry it and it is at most ``max_bytes``
     in UTF-8; else ValueError saying what is wrong."""
@@ -171,6 +170,7 @@ def _storable_within(value: str, max_bytes: int, why: str = "") -> str:
     if size > max_bytes:
         raise ValueError(f"is {size} bytes in UTF-8; at most {max_bytes}{why}")
     return value
+
 
 class SendRequest(BaseModel):
     """One message to deliver. ``message_id`` is the idempotency key."""

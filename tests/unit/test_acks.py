@@ -83,6 +83,19 @@ def test_no_ack_ever_covers_a_delivery_that_is_not_finished(data: st.DataObject)
     order = data.draw(st.permutations([t for t in fate if fate[t] != "keep"]))
     acked: set[int] = set()
     done: set[int] = set()  # finished or settled so far
+
+    def send_what_the_ledger_takes() -> None:
+        for ack_tag, multiple in ledger.take():
+            covered = {t for t in range(1, ack_tag + 1) if fate[t] == "ack"} - acked \
+                if multiple else {ack_tag}
+            assert ack_tag not in acked, "acked twice"
+            assert covered <= done, "covers a delivery still in flight"
+            assert all(fate[t] == "ack" for t in covered)
+            # a multiple ack must not reach a delivery that is kept or unfinished
+            if multiple:
+                assert all(t in done for t in range(1, ack_tag + 1))
+            acked.update(covered)
+
     for tag in order:
         if fate[tag] == "ack":
             ledger.finished(tag)
@@ -90,22 +103,8 @@ def test_no_ack_ever_covers_a_delivery_that_is_not_finished(data: st.DataObject)
             ledger.settled(tag)
         done.add(tag)
         if data.draw(st.booleans()):
-            for ack_tag, multiple in ledger.take():
-                covered = {t for t in range(1, ack_tag + 1) if fate[t] == "ack"} - acked \
-                    if multiple else {ack_tag}
-                assert ack_tag not in acked, "acked twice"
-                assert covered <= done, "covers a delivery still in flight"
-                assert all(fate[t] == "ack" for t in covered)
-                # a multiple ack must not reach a delivery that is kept or unfinished
-                if multiple:
-                    assert all(t in done for t in range(1, ack_tag + 1))
-                acked |= covered
-    for ack_tag, multiple in ledger.take():
-        covered = {t for t in range(1, ack_tag + 1) if fate[t] == "ack"} - acked \
-            if multiple else {ack_tag}
-        if multiple:
-            assert all(t in done for t in range(1, ack_tag + 1))
-        acked |= covered
+            send_what_the_ledger_takes()
+    send_what_the_ledger_takes()
     assert acked == {t for t in fate if fate[t] == "ack"}
 
 
