@@ -302,6 +302,8 @@ class Delivery:
 # queue (measured on 4.0: 64 acks then an immediate close left 31 of them
 # parked; 10 ms later none). Nothing in AMQP tells when they are applied.
 ACK_GRACE_S = 0.25
+# How long a pass waits at its end for the messages it held to be ready again.
+RETURN_WAIT_S = 10.0
 
 
 @dataclass
@@ -492,8 +494,34 @@ class LotPass:
                     await self._settle(window)
             except Exception as exc:
                 log.warning("parked.pass_stop_failed", error=repr(exc))
+        held = self.held
         for window in self._windows:
             if not window.channel.is_closed:
                 with contextlib.suppress(Exception):
                     await self._close_window(window)
         self._windows.clear()
+        if held:
+            await self._await_return(held)
+
+    async def _await_return(self, held: int) -> None:
+        """Wait until the ``held`` messages are ready in the queue again.
+
+        The broker answers a channel's close before a quorum queue has put
+        back what the channel held (that is a step of its own, in the queue's
+        log), so a pass that started just then would count too few messages
+        and miss some. Nothing but a pass takes from the parking queue, so
+        once ``held`` are ready they include everything this pass returned.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + RETURN_WAIT_S
+        ready = 0
+        while loop.time() < deadline:
+            try:
+                ready = await ready_count(self.connection, self.names)
+            except Exception as exc:
+                log.warning("parked.pass_return_unknown", error=repr(exc))
+                return
+            if ready >= held:
+                return
+            await asyncio.sleep(0.02)
+        log.warning("parked.pass_return_slow", held=held, ready=ready, waited_s=RETURN_WAIT_S)

@@ -88,8 +88,23 @@ async def peek(queue_name: str) -> list[AbstractIncomingMessage]:
             while len(got) < depth:
                 got.append(await asyncio.wait_for(inbox.get(), 10))
         await channel.close()
+    if got:
+        # The broker answers the close before the queue has put them back.
+        async def returned() -> bool:
+            return await queue_depth_at(queue_name) >= len(got)
+
+        await wait_for(returned, timeout=10, what="peeked messages ready again")
     got.sort(key=lambda m: m.delivery_tag or 0)
     return got
+
+
+async def queue_depth_at(queue_name: str) -> int:
+    """Messages ready in ``queue_name``, over a connection of its own."""
+    connection = await aio_pika.connect(AMQP_URL)
+    async with connection:
+        channel = await connection.channel()
+        queue = await channel.declare_queue(queue_name, passive=True)
+        return int(queue.declaration_result.message_count or 0)
 
 
 def parked_ids(messages: Iterable[AbstractIncomingMessage]) -> list[str]:

@@ -152,6 +152,31 @@ async def test_a_pass_ending_with_free_slots_returns_the_rest_in_order(
         await admin.close()
 
 
+async def test_a_pass_right_after_another_counts_everything_the_first_held(
+    amqp: AbstractRobustConnection, prefix: str,
+) -> None:
+    """The broker answers a channel's close before the quorum queue has put
+    back what it held: a pass ends only once they are ready again, so the
+    next pass (a replay after a dry run, say) counts and finds them all."""
+    names = Names(prefix)
+    admin = await amqp.channel(publisher_confirms=True)
+    try:
+        for i in range(300):
+            await admin.default_exchange.publish(aio_pika.Message(str(i).encode()),
+                                                 names.parked)
+        connection = await aio_pika.connect(AMQP_URL)
+        async with connection:
+            for _ in range(20):
+                async with LotPass(connection, names) as lot_pass:
+                    assert lot_pass.depth == 300
+                    seen = 0
+                    while batch := await lot_pass.batch(500):
+                        seen += len(batch)
+                    assert seen == 300
+    finally:
+        await admin.close()
+
+
 # -- replay mechanics without the pipeline ---------------------------------------------
 
 
