@@ -517,7 +517,9 @@ class LotPass:
         ready = 0
         while loop.time() < deadline:
             try:
-                ready = await ready_count(self.connection, self.names)
+                # A connection that is reconnecting could hold the count up.
+                async with asyncio.timeout(max(0.1, deadline - loop.time())):
+                    ready = await ready_count(self.connection, self.names)
             except Exception as exc:
                 log.warning("parked.pass_return_unknown", error=repr(exc))
                 return
