@@ -120,11 +120,19 @@ class Browser:
         """Wait until the element's text matches ``pattern``; returns the text."""
         seen = ""
 
+        from selenium.common.exceptions import (
+            NoSuchElementException,
+            StaleElementReferenceException,
+        )
+
         async def matches() -> bool:
             nonlocal seen
-            if not await self.exists(css):
+            try:
+                seen = await self.text(css)
+            except (NoSuchElementException, StaleElementReferenceException):
+                # Not there yet, or the page reloaded between finding and reading
+                # it (a job's page reloads itself once the job ends).
                 return False
-            seen = await self.text(css)
             return re.search(pattern, seen) is not None
 
         await wait_for(matches, timeout=timeout, interval=0.1,
