@@ -90,6 +90,20 @@ class Browser:
         element = await self.find(css)
         return str(await self.call(lambda: element.text))
 
+    async def text_if_there(self, css: str) -> str | None:
+        """The element's text, or None when it is not there yet or the page
+        reloaded between finding and reading it (a job's page reloads itself
+        once the job ends)."""
+        from selenium.common.exceptions import (
+            NoSuchElementException,
+            StaleElementReferenceException,
+        )
+
+        try:
+            return await self.text(css)
+        except (NoSuchElementException, StaleElementReferenceException):
+            return None
+
     async def click(self, css: str) -> None:
         element = await self.find(css)
         await self.call(element.click)
@@ -120,19 +134,12 @@ class Browser:
         """Wait until the element's text matches ``pattern``; returns the text."""
         seen = ""
 
-        from selenium.common.exceptions import (
-            NoSuchElementException,
-            StaleElementReferenceException,
-        )
-
         async def matches() -> bool:
             nonlocal seen
-            try:
-                seen = await self.text(css)
-            except (NoSuchElementException, StaleElementReferenceException):
-                # Not there yet, or the page reloaded between finding and reading
-                # it (a job's page reloads itself once the job ends).
+            text = await self.text_if_there(css)
+            if text is None:
                 return False
+            seen = text
             return re.search(pattern, seen) is not None
 
         await wait_for(matches, timeout=timeout, interval=0.1,

@@ -108,7 +108,7 @@ async def test_sign_in_filter_and_replay_one_error_type_at_a_rate(
             if len(seen) == 8:
                 await browser.shot("replay-running")
         return bool(value is not None and value[1] == 16 and value[0] == 16
-                    and "done" in await browser.text("#job-state"))
+                    and "done" in (await browser.text_if_there("#job-state") or ""))
 
     await wait_for(finished, timeout=40, interval=0.15, what="the progress bar to reach the end")
     await browser.wait_text("#job-replayed", r"^15$")
